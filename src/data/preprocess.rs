@@ -1,0 +1,137 @@
+//! Preprocessing: RGB pixels -> resized, normalised float tensor `[3, S, S]` for an
+//! encoder. Runs on the CPU, per item (items differ in size), with libtorch's bilinear
+//! resize (`align_corners = false`, no anti-aliasing: what TensorFlow's resize did when
+//! the Lite weights were trained, and what `F.interpolate` does; measured on the 20
+//! foolbox ImageNet photos, Lite0 gets 18/20 top-1 this way and 17/20 with the
+//! anti-aliased variant).
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::decode::Image;
+
+/// How an image is brought to the encoder's square input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Resize straight to S x S (DLSR's setting: every image becomes 224x224).
+    #[default]
+    Stretch,
+    /// ImageNet evaluation style: shorter side to S / 0.875, centre crop S x S.
+    CenterCrop,
+}
+
+/// Per-channel normalisation applied to pixel values in 0..255: (x - mean) / std.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Normalisation {
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl Normalisation {
+    /// EfficientNet-Lite's native preprocessing: (x - 127) / 128.
+    pub const LITE: Self = Self { mean: [127.0; 3], std: [128.0; 3] };
+    /// torchvision's ImageNet statistics, on the 0..255 scale.
+    pub const IMAGENET: Self = Self { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+
+    /// Parses `lite`, `imagenet`, or `M,M,M/S,S,S` (0..255 scale).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "lite" => Some(Self::LITE),
+            "imagenet" => Some(Self::IMAGENET),
+            custom => {
+                let (m, sd) = custom.split_once('/')?;
+                let triple = |t: &str| -> Option<[f64; 3]> {
+                    let v: Vec<f64> = t.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+                    <[f64; 3]>::try_from(v).ok()
+                };
+                let std = triple(sd)?;
+                std.iter().all(|s| *s > 0.0).then_some(Self { mean: triple(m)?, std })
+            }
+        }
+    }
+}
+
+/// Everything that turns pixels into encoder input; part of a model's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Side of the square input in pixels.
+    pub size: i64,
+    pub resize: ResizeMode,
+    pub normalisation: Normalisation,
+}
+
+impl Preprocess {
+    /// Turns an RGB image into a normalised `[3, size, size]` float tensor (CPU).
+    pub fn apply(&self, image: &Image) -> Result<Tensor, tch::TchError> {
+        let (w, h) = (i64::from(image.width), i64::from(image.height));
+        let pixels = Tensor::f_from_slice(&image.rgb)?
+            .f_view([1, h, w, 3])?
+            .f_permute([0, 3, 1, 2])?
+            .f_to_kind(Kind::Float)?;
+        let resized = match self.resize {
+            ResizeMode::Stretch => resize(&pixels, h, w, self.size, self.size)?,
+            ResizeMode::CenterCrop => {
+                let short = (self.size as f64 / 0.875).round() as i64;
+                let (nh, nw) = if h <= w {
+                    (short, ((w * short) as f64 / h as f64).round() as i64)
+                } else {
+                    (((h * short) as f64 / w as f64).round() as i64, short)
+                };
+                let big = resize(&pixels, h, w, nh, nw)?;
+                let top = (nh - self.size) / 2;
+                let left = (nw - self.size) / 2;
+                big.f_narrow(2, top, self.size)?.f_narrow(3, left, self.size)?
+            }
+        };
+        let mean =
+            Tensor::f_from_slice(&self.normalisation.mean)?.f_view([1, 3, 1, 1])?.f_to_kind(Kind::Float)?;
+        let std =
+            Tensor::f_from_slice(&self.normalisation.std)?.f_view([1, 3, 1, 1])?.f_to_kind(Kind::Float)?;
+        resized.f_sub(&mean)?.f_div(&std)?.f_squeeze_dim(0)
+    }
+}
+
+fn resize(x: &Tensor, h: i64, w: i64, nh: i64, nw: i64) -> Result<Tensor, tch::TchError> {
+    if (h, w) == (nh, nw) {
+        return Ok(x.shallow_clone());
+    }
+    x.f_upsample_bilinear2d([nh, nw], false, None, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_and_resizes() {
+        let image = Image { width: 2, height: 2, rgb: vec![127; 12] };
+        let p = Preprocess { size: 4, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE };
+        let t = p.apply(&image).unwrap();
+        assert_eq!(t.size(), [3, 4, 4]);
+        assert!(t.abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn center_crop_keeps_the_middle() {
+        // 2 rows x 8 columns, left half black, right half white: the crop of a wide image
+        // is square and taken from the centre, so it holds both halves.
+        let rgb: Vec<u8> = (0..16).flat_map(|i| if i % 8 < 4 { [0; 3] } else { [255; 3] }).collect();
+        let image = Image { width: 8, height: 2, rgb };
+        let norm = Normalisation { mean: [0.0; 3], std: [1.0; 3] };
+        let p = Preprocess { size: 7, resize: ResizeMode::CenterCrop, normalisation: norm };
+        let t = p.apply(&image).unwrap();
+        assert_eq!(t.size(), [3, 7, 7]);
+        assert!(t.double_value(&[0, 3, 0]) < 10.0);
+        assert!(t.double_value(&[0, 3, 6]) > 245.0);
+    }
+
+    #[test]
+    fn parses_normalisations() {
+        assert_eq!(Normalisation::parse("lite"), Some(Normalisation::LITE));
+        let n = Normalisation::parse("1,2,3/4,5,6").unwrap();
+        assert_eq!((n.mean, n.std), ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]));
+        assert!(Normalisation::parse("1,2/3,4").is_none());
+        assert!(Normalisation::parse("1,2,3/0,1,1").is_none());
+    }
+}

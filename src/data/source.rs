@@ -1,0 +1,432 @@
+//! Data-set readers: a single image file, a folder of images (recursive, sorted), an IDX
+//! image file (`.gz` or plain) and the MNIST-5k CSV (784 pixels + label, `.gz` or plain).
+//!
+//! A data set is opened from a SPEC string (a path); the kind is decided from what the
+//! path is and, for files, from the name and the magic bytes. Items carry stable ids:
+//! the path relative to the folder, or `file#index` for IDX and CSV records. Reading an
+//! item can fail on its own ([`ItemError`]); opening the set fails only when the set as a
+//! whole is unusable ([`DataError`]).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::decode::{DecodeError, DecodeLimits};
+
+/// The content of one item before preprocessing.
+#[derive(Debug, Clone)]
+pub enum ItemContent {
+    /// Encoded image bytes (any format [`super::decode::decode`] takes).
+    Encoded(Vec<u8>),
+    /// Raw 8-bit grey pixels, row-major (IDX and CSV records).
+    Grey { width: u32, height: u32, pixels: Vec<u8> },
+}
+
+#[derive(Debug, Clone)]
+pub struct RawItem {
+    pub id: String,
+    pub content: ItemContent,
+}
+
+/// Failure to open or parse a data set as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not found")]
+    NotFound { path: PathBuf },
+    #[error("{path}: malformed IDX file: {reason}")]
+    BadIdx { path: PathBuf, reason: String },
+    #[error("{path}: malformed CSV on line {line}: {reason}")]
+    BadCsv { path: PathBuf, line: usize, reason: String },
+    #[error("{path}: contains no images")]
+    NoImages { path: PathBuf },
+}
+
+/// Failure of one item; the set can go on past it.
+#[derive(Debug, thiserror::Error)]
+#[error("{id}: {kind}")]
+pub struct ItemError {
+    pub id: String,
+    pub kind: ItemErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ItemErrorKind {
+    #[error("cannot read file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("preprocessing failed: {0}")]
+    Preprocess(String),
+}
+
+impl ItemError {
+    /// A bounded code (for reports and metrics).
+    pub fn code(&self) -> &'static str {
+        match &self.kind {
+            ItemErrorKind::Io(_) => "io",
+            ItemErrorKind::Decode(d) => d.code(),
+            ItemErrorKind::Preprocess(_) => "preprocess",
+        }
+    }
+}
+
+/// File-name extensions a folder scan takes as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "jfif"];
+
+enum Kind {
+    Files {
+        base: PathBuf,
+        files: Vec<PathBuf>,
+    },
+    /// Grey records held in memory: IDX and CSV sets (Fashion-MNIST train is 47 MB).
+    Records {
+        name: String,
+        width: u32,
+        height: u32,
+        pixels: Vec<u8>,
+        count: usize,
+    },
+}
+
+/// An opened data set: its items can be read in order, any number of times.
+pub struct DataSet {
+    spec: String,
+    kind: Kind,
+    limit: Option<usize>,
+    /// Files a folder scan passed over because their extension is not an image's.
+    pub ignored_files: usize,
+}
+
+impl std::fmt::Debug for DataSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataSet").field("spec", &self.spec).field("len", &self.len()).finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io { path: path.to_path_buf(), source }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
+    let raw = fs::read(path).map_err(io_err(path))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_err(path))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+fn is_idx_name(name: &str) -> bool {
+    let n = name.strip_suffix(".gz").unwrap_or(name);
+    n.ends_with("-ubyte") || n.ends_with(".idx") || n.ends_with(".idx3")
+}
+
+fn is_csv_name(name: &str) -> bool {
+    let n = name.strip_suffix(".gz").unwrap_or(name);
+    n.ends_with(".csv")
+}
+
+impl DataSet {
+    /// Opens SPEC: an image file, a folder of images, an IDX file or an MNIST-style CSV.
+    pub fn open(spec: &str) -> Result<Self, DataError> {
+        let path = PathBuf::from(spec);
+        let meta = fs::metadata(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DataError::NotFound { path: path.clone() },
+            _ => DataError::Io { path: path.clone(), source: e },
+        })?;
+        let mut ignored_files = 0;
+        let kind = if meta.is_dir() {
+            let mut files = Vec::new();
+            walk(&path, &mut files, &mut ignored_files)?;
+            files.sort();
+            if files.is_empty() {
+                return Err(DataError::NoImages { path });
+            }
+            Kind::Files { base: path, files }
+        } else {
+            let name = file_name(&path);
+            if is_idx_name(&name) {
+                read_idx(&path)?
+            } else if is_csv_name(&name) {
+                read_csv(&path)?
+            } else {
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                Kind::Files { base, files: vec![path] }
+            }
+        };
+        Ok(Self { spec: spec.to_string(), kind, limit: None, ignored_files })
+    }
+
+    /// Keeps only the first `n` items.
+    pub fn with_limit(mut self, n: Option<usize>) -> Self {
+        self.limit = n;
+        self
+    }
+
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    fn full_len(&self) -> usize {
+        match &self.kind {
+            Kind::Files { files, .. } => files.len(),
+            Kind::Records { count, .. } => *count,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        let n = self.full_len();
+        self.limit.map_or(n, |l| l.min(n))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads item `index` (< `len()`).
+    pub fn get(&self, index: usize) -> Result<RawItem, ItemError> {
+        match &self.kind {
+            Kind::Files { base, files } => {
+                let path = &files[index];
+                let id = path
+                    .strip_prefix(base)
+                    .ok()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .into_owned();
+                let bytes = fs::read(path).map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
+                Ok(RawItem { id, content: ItemContent::Encoded(bytes) })
+            }
+            Kind::Records { name, width, height, pixels, .. } => {
+                let size = (*width * *height) as usize;
+                Ok(RawItem {
+                    id: format!("{name}#{index}"),
+                    content: ItemContent::Grey {
+                        width: *width,
+                        height: *height,
+                        pixels: pixels[index * size..(index + 1) * size].to_vec(),
+                    },
+                })
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Result<RawItem, ItemError>> + '_ {
+        (0..self.len()).map(move |i| self.get(i))
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, ignored: &mut usize) -> Result<(), DataError> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let ty = entry.file_type().map_err(io_err(&path))?;
+        if ty.is_dir() || (ty.is_symlink() && path.is_dir()) {
+            walk(&path, out, ignored)?;
+        } else if has_image_extension(&path) {
+            out.push(path);
+        } else {
+            *ignored += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Parses an IDX file of unsigned bytes with 3 dimensions (count, rows, columns).
+fn read_idx(path: &Path) -> Result<Kind, DataError> {
+    let bad = |reason: String| DataError::BadIdx { path: path.to_path_buf(), reason };
+    let data = read_maybe_gz(path)?;
+    if data.len() < 4 || data[0] != 0 || data[1] != 0 {
+        return Err(bad("missing the 0x0000 magic prefix".into()));
+    }
+    if data[2] != 0x08 {
+        return Err(bad(format!("element type 0x{:02x} is not unsigned byte (0x08)", data[2])));
+    }
+    let ndim = data[3] as usize;
+    if ndim != 3 {
+        return Err(bad(format!("{ndim} dimensions; image files have 3 (count, rows, columns)")));
+    }
+    let header = 4 + 4 * ndim;
+    if data.len() < header {
+        return Err(bad("truncated header".into()));
+    }
+    let dim =
+        |i: usize| u32::from_be_bytes([data[4 + 4 * i], data[5 + 4 * i], data[6 + 4 * i], data[7 + 4 * i]]);
+    let (count, height, width) = (dim(0) as usize, dim(1), dim(2));
+    let expected = count
+        .checked_mul(height as usize)
+        .and_then(|n| n.checked_mul(width as usize))
+        .ok_or_else(|| bad("dimensions overflow".into()))?;
+    if data.len() - header != expected {
+        return Err(bad(format!(
+            "{count}x{height}x{width} needs {expected} bytes of data, file has {}",
+            data.len() - header
+        )));
+    }
+    if width == 0 || height == 0 {
+        return Err(bad("zero-sized images".into()));
+    }
+    Ok(Kind::Records { name: file_name(path), width, height, pixels: data[header..].to_vec(), count })
+}
+
+/// Parses a CSV of 784 grey pixels (0..255) per line, optionally followed by a label.
+fn read_csv(path: &Path) -> Result<Kind, DataError> {
+    const SIDE: u32 = 28;
+    const PIXELS: usize = (SIDE * SIDE) as usize;
+    let data = read_maybe_gz(path)?;
+    let text = String::from_utf8(data).map_err(|e| DataError::BadCsv {
+        path: path.to_path_buf(),
+        line: 0,
+        reason: format!("not UTF-8 text: {e}"),
+    })?;
+    let mut pixels = Vec::new();
+    let mut count = 0;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |reason: String| DataError::BadCsv { path: path.to_path_buf(), line: n + 1, reason };
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != PIXELS && fields.len() != PIXELS + 1 {
+            // A header line of column names is allowed once, at the top.
+            if n == 0 && fields.first().is_some_and(|f| f.trim().parse::<f64>().is_err()) {
+                continue;
+            }
+            return Err(bad(format!("{} fields, expected {PIXELS} pixels (+ optional label)", fields.len())));
+        }
+        for field in &fields[..PIXELS] {
+            let v: f64 = field.trim().parse().map_err(|_| bad(format!("{field:?} is not a number")))?;
+            if !(0.0..=255.0).contains(&v) {
+                return Err(bad(format!("pixel value {v} outside 0..255")));
+            }
+            pixels.push(v.round() as u8);
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err(DataError::NoImages { path: path.to_path_buf() });
+    }
+    Ok(Kind::Records { name: file_name(path), width: SIDE, height: SIDE, pixels, count })
+}
+
+/// Decodes an item to 8-bit RGB; grey records are replicated to three channels.
+pub fn decode_item(item: &RawItem, limits: &DecodeLimits) -> Result<super::Image, ItemError> {
+    match &item.content {
+        ItemContent::Encoded(bytes) => super::decode::decode(bytes, limits)
+            .map_err(|e| ItemError { id: item.id.clone(), kind: e.into() }),
+        ItemContent::Grey { width, height, pixels } => Ok(super::Image {
+            width: *width,
+            height: *height,
+            rgb: pixels.iter().flat_map(|&p| [p, p, p]).collect(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write_idx(path: &Path, count: u32, h: u32, w: u32, gzip: bool) {
+        let mut data = vec![0, 0, 8, 3];
+        for d in [count, h, w] {
+            data.extend_from_slice(&d.to_be_bytes());
+        }
+        data.extend((0..count * h * w).map(|i| (i % 251) as u8));
+        let bytes = if gzip {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(&data).unwrap();
+            enc.finish().unwrap()
+        } else {
+            data
+        };
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn reads_idx_plain_and_gzipped_with_file_index_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        for gzip in [false, true] {
+            let path = dir.path().join(if gzip { "x-idx3-ubyte.gz" } else { "x-idx3-ubyte" });
+            write_idx(&path, 3, 2, 4, gzip);
+            let set = DataSet::open(path.to_str().unwrap()).unwrap();
+            assert_eq!(set.len(), 3);
+            let item = set.get(2).unwrap();
+            assert_eq!(item.id, format!("{}#2", file_name(&path)));
+            match item.content {
+                ItemContent::Grey { width, height, pixels } => {
+                    assert_eq!((width, height), (4, 2));
+                    assert_eq!(pixels[0], 16);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_idx_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad-idx3-ubyte");
+        write_idx(&path, 3, 2, 4, false);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        fs::write(&path, bytes).unwrap();
+        let err = DataSet::open(path.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("needs 24 bytes"), "{err}");
+    }
+
+    #[test]
+    fn reads_csv_with_labels_and_rejects_short_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("digits.csv");
+        let row: Vec<String> = (0..784).map(|i| (i % 256).to_string()).collect();
+        fs::write(&path, format!("{},5\n{},7\n", row.join(","), row.join(","))).unwrap();
+        let set = DataSet::open(path.to_str().unwrap()).unwrap().with_limit(Some(1));
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.get(0).unwrap().id, "digits.csv#0");
+
+        fs::write(&path, "1,2,3\n1,2,3\n").unwrap();
+        let err = DataSet::open(path.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, DataError::BadCsv { line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn folders_are_recursive_sorted_and_skip_non_images() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("b")).unwrap();
+        for name in ["b/z.png", "a.JPG", "b/a.gif", "notes.txt", ".hidden.png"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let set = DataSet::open(dir.path().to_str().unwrap()).unwrap();
+        let ids: Vec<String> = set.iter().map(|i| i.unwrap().id).collect();
+        assert_eq!(ids, ["a.JPG", "b/a.gif", "b/z.png"]);
+        assert_eq!(set.ignored_files, 1);
+    }
+
+    #[test]
+    fn missing_path_and_empty_folder_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(DataSet::open("/nonexistent/x"), Err(DataError::NotFound { .. })));
+        assert!(matches!(DataSet::open(dir.path().to_str().unwrap()), Err(DataError::NoImages { .. })));
+    }
+}

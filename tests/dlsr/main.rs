@@ -1,0 +1,8 @@
+//! Integration tests, one binary; modules group behaviour. Tests that need the installed
+//! assets (weights, data sets) fail with a pointer to `scripts/fetch-assets.sh` when
+//! they are missing, rather than passing vacuously.
+
+mod cli;
+mod common;
+mod encoders;
+mod inputs;
