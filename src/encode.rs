@@ -1,15 +1,19 @@
 //! Encoding a data set into feature vectors: read + decode + preprocess on a prefetch
 //! thread while the encoder runs the previous batch; bad items are skipped and reported
-//! (with their error codes), never fatal; progress is shown.
+//! (with their error codes), never fatal; progress is shown. Each item also gets a seed
+//! from its content (for the scoring noise). Encoded sets can be cached on disk, keyed by
+//! everything that determines them, so refitting with other LFDN settings skips encoding.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::data::source::{decode_item, ItemErrorKind};
-use crate::data::{DataSet, DecodeLimits, ItemError, Preprocess};
-use crate::model::features::{FeatureExtractor, LayerOffsets};
+use crate::data::{DataSet, DecodeLimits, ItemContent, ItemError, Preprocess};
+use crate::model::features::{FeatureExtractor, Features, LayerOffsets};
+use crate::model::score::content_seed;
 use crate::model::ModelError;
 use crate::progress::Progress;
 
@@ -17,88 +21,119 @@ use crate::progress::Progress;
 #[derive(Debug)]
 pub struct EncodedSet {
     pub ids: Vec<String>,
+    /// Per item, a seed derived from its content.
+    pub seeds: Vec<u64>,
     /// `[N, D]` float32 on the CPU.
     pub values: Tensor,
     pub offsets: LayerOffsets,
     pub skipped: Vec<ItemError>,
     pub seconds: f64,
+    /// True when the features came from the cache.
+    pub cached: bool,
+}
+
+/// Skipped items counted by error code, for a one-line report.
+pub fn count_by_code(errors: &[ItemError]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for e in errors {
+        *counts.entry(e.code()).or_insert(0) += 1;
+    }
+    counts
 }
 
 impl EncodedSet {
-    /// Skipped items counted by error code, for a one-line report.
     pub fn skipped_by_code(&self) -> BTreeMap<&'static str, usize> {
-        let mut counts = BTreeMap::new();
-        for e in &self.skipped {
-            *counts.entry(e.code()).or_insert(0) += 1;
-        }
-        counts
+        count_by_code(&self.skipped)
     }
 }
 
-/// Reads, decodes and preprocesses one item.
+/// Reads, decodes and preprocesses one item; returns its id, content seed and tensor.
 pub fn load_item(
     set: &DataSet,
     index: usize,
     limits: &DecodeLimits,
     pre: &Preprocess,
-) -> Result<(String, Tensor), ItemError> {
+) -> Result<(String, u64, Tensor), ItemError> {
     let item = set.get(index)?;
+    let seed = match &item.content {
+        ItemContent::Encoded(bytes) => content_seed(bytes),
+        ItemContent::Grey { pixels, .. } => content_seed(pixels),
+    };
     let image = decode_item(&item, limits)?;
     let tensor = pre
         .apply(&image)
         .map_err(|e| ItemError { id: item.id.clone(), kind: ItemErrorKind::Preprocess(e.to_string()) })?;
-    Ok((item.id, tensor))
+    Ok((item.id, seed, tensor))
+}
+
+/// One encoded batch, handed to the caller of [`for_each_batch`].
+pub struct EncodedBatch {
+    pub ids: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub features: Option<Features>,
+    pub errors: Vec<ItemError>,
 }
 
 struct PreparedBatch {
     ids: Vec<String>,
+    seeds: Vec<u64>,
     images: Option<Tensor>,
     errors: Vec<ItemError>,
     items: usize,
 }
 
+#[derive(Debug, Clone)]
 pub struct EncodeOptions {
     pub batch_size: usize,
     pub limits: DecodeLimits,
     pub quiet: bool,
 }
 
-/// Encodes every item of `set`.
-pub fn encode_set(
+/// Streams `set` through the encoder batch by batch, calling `f` on each; bad items
+/// arrive in `errors`. Stops at the first error `f` or the encoder returns.
+pub fn for_each_batch<E: From<ModelError>>(
     extractor: &FeatureExtractor,
     set: &DataSet,
     opts: &EncodeOptions,
-) -> Result<EncodedSet, ModelError> {
+    label: &str,
+    mut f: impl FnMut(EncodedBatch) -> Result<(), E>,
+) -> Result<f64, E> {
     let batch_size = opts.batch_size.max(1);
     let total = set.len();
     let pre = extractor.preprocess;
     let limits = opts.limits;
-    let mut progress = Progress::new("encode", total as u64, opts.quiet);
-    let mut ids = Vec::with_capacity(total);
-    let mut chunks = Vec::new();
-    let mut skipped = Vec::new();
-    let mut offsets = None;
-
-    std::thread::scope(|scope| -> Result<(), ModelError> {
+    let mut progress = Progress::new(label, total as u64, opts.quiet);
+    std::thread::scope(|scope| -> Result<(), E> {
         // Two batches in flight bound the memory held by prefetching.
         let (tx, rx) = mpsc::sync_channel::<PreparedBatch>(2);
         scope.spawn(move || {
             for start in (0..total).step_by(batch_size) {
                 let end = (start + batch_size).min(total);
                 let mut batch =
-                    PreparedBatch { ids: Vec::new(), images: None, errors: Vec::new(), items: end - start };
+                    PreparedBatch { ids: Vec::new(), seeds: Vec::new(), images: None, errors: Vec::new(), items: end - start };
                 let mut tensors = Vec::new();
                 for i in start..end {
                     match load_item(set, i, &limits, &pre) {
-                        Ok((id, t)) => {
+                        Ok((id, seed, t)) => {
                             batch.ids.push(id);
+                            batch.seeds.push(seed);
                             tensors.push(t);
                         }
                         Err(e) => batch.errors.push(e),
                     }
                 }
                 if !tensors.is_empty() {
-                    batch.images = Tensor::f_stack(&tensors, 0).ok();
+                    match Tensor::f_stack(&tensors, 0) {
+                        Ok(t) => batch.images = Some(t),
+                        Err(e) => {
+                            let reason = e.to_string();
+                            batch.errors.extend(batch.ids.drain(..).map(|id| ItemError {
+                                id,
+                                kind: ItemErrorKind::Preprocess(reason.clone()),
+                            }));
+                            batch.seeds.clear();
+                        }
+                    }
                 }
                 if tx.send(batch).is_err() {
                     return; // the consumer stopped on an error
@@ -109,22 +144,140 @@ pub fn encode_set(
             for e in &batch.errors {
                 tracing::warn!(id = %e.id, code = e.code(), "skipped: {e}");
             }
-            skipped.extend(batch.errors);
-            if let Some(images) = batch.images {
-                let features = extractor.extract(&images)?;
-                offsets.get_or_insert(features.offsets);
-                chunks.push(features.values);
-                ids.extend(batch.ids);
-            }
-            progress.inc(batch.items as u64, None);
+            let features = match &batch.images {
+                Some(images) => Some(extractor.extract(images)?),
+                None => None,
+            };
+            let items = batch.items as u64;
+            f(EncodedBatch { ids: batch.ids, seeds: batch.seeds, features, errors: batch.errors })?;
+            progress.inc(items, None);
         }
         Ok(())
     })?;
-    let seconds = progress.finish().as_secs_f64();
-    let values = if chunks.is_empty() {
-        Tensor::f_zeros([0, 0], (tch::Kind::Float, tch::Device::Cpu))?
-    } else {
-        Tensor::f_cat(&chunks, 0)?
-    };
-    Ok(EncodedSet { ids, values, offsets: offsets.unwrap_or(LayerOffsets(vec![0])), skipped, seconds })
+    Ok(progress.finish().as_secs_f64())
+}
+
+/// Encodes every item of `set` into memory.
+pub fn encode_set(extractor: &FeatureExtractor, set: &DataSet, opts: &EncodeOptions) -> Result<EncodedSet, ModelError> {
+    let mut ids = Vec::with_capacity(set.len());
+    let mut seeds = Vec::with_capacity(set.len());
+    let mut chunks = Vec::new();
+    let mut skipped = Vec::new();
+    let mut offsets = None;
+    let seconds = for_each_batch(extractor, set, opts, "encode", |b: EncodedBatch| -> Result<(), ModelError> {
+        skipped.extend(b.errors);
+        if let Some(f) = b.features {
+            offsets.get_or_insert(f.offsets);
+            chunks.push(f.values);
+            ids.extend(b.ids);
+            seeds.extend(b.seeds);
+        }
+        Ok(())
+    })?;
+    let values =
+        if chunks.is_empty() { Tensor::f_zeros([0, 0], (Kind::Float, tch::Device::Cpu))? } else { Tensor::f_cat(&chunks, 0)? };
+    Ok(EncodedSet {
+        ids,
+        seeds,
+        values,
+        offsets: offsets.unwrap_or(LayerOffsets(vec![0])),
+        skipped,
+        seconds,
+        cached: false,
+    })
+}
+
+/// Where encoded sets are cached: `$DLSR_CACHE`, else `$XDG_CACHE_HOME/dlsr`, else
+/// `~/.cache/dlsr`, with `features/` below it.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("DLSR_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("dlsr")
+    });
+    base.join("features")
+}
+
+/// The cache key: encoder identity (incl. weights checksum), preprocessing, decode
+/// limits, the data's fingerprint and the item limit.
+pub fn cache_key(extractor: &FeatureExtractor, set: &DataSet, opts: &EncodeOptions) -> Result<String, ModelError> {
+    use sha2::Digest;
+    let fingerprint = set.fingerprint().map_err(|e| ModelError::Io {
+        path: PathBuf::from(set.spec()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let key = serde_json::json!({
+        "v": 1,
+        "encoder": extractor.encoder.identity(),
+        "preprocess": extractor.preprocess,
+        "limits": opts.limits,
+        "data": fingerprint,
+        "len": set.len(),
+    });
+    Ok(hex::encode(sha2::Sha256::digest(key.to_string().as_bytes())))
+}
+
+fn load_cached(path: &Path) -> Option<EncodedSet> {
+    let meta = crate::tensor_file::read_metadata(path).ok()?;
+    let tensors = crate::tensor_file::read_tensors(path).ok()?;
+    let ids: Vec<String> = serde_json::from_str(meta.get("ids")?).ok()?;
+    let skipped: Vec<(String, String)> = serde_json::from_str(meta.get("skipped")?).ok()?;
+    let values = tensors.get("features")?.shallow_clone();
+    let seeds: Vec<i64> = Vec::try_from(tensors.get("seeds")?).ok()?;
+    let offsets: Vec<i64> = Vec::try_from(tensors.get("offsets")?).ok()?;
+    if values.size().first() != Some(&(ids.len() as i64)) || seeds.len() != ids.len() {
+        return None;
+    }
+    Some(EncodedSet {
+        ids,
+        seeds: seeds.into_iter().map(|s| s as u64).collect(),
+        values,
+        offsets: LayerOffsets(offsets),
+        skipped: skipped
+            .into_iter()
+            .map(|(id, reason)| ItemError { id, kind: ItemErrorKind::Cached(reason) })
+            .collect(),
+        seconds: 0.0,
+        cached: true,
+    })
+}
+
+/// [`encode_set`] through the on-disk cache (`cache: None` disables it).
+pub fn encode_set_cached(
+    extractor: &FeatureExtractor,
+    set: &DataSet,
+    opts: &EncodeOptions,
+    cache: Option<&Path>,
+) -> Result<EncodedSet, ModelError> {
+    let Some(dir) = cache else { return encode_set(extractor, set, opts) };
+    let key = cache_key(extractor, set, opts)?;
+    let path = dir.join(format!("{key}.safetensors"));
+    if let Some(hit) = load_cached(&path) {
+        tracing::info!(path = %path.display(), "features from cache");
+        return Ok(hit);
+    }
+    let encoded = encode_set(extractor, set, opts)?;
+    let seeds: Vec<i64> = encoded.seeds.iter().map(|&s| s as i64).collect();
+    let skipped: Vec<(String, String)> = encoded.skipped.iter().map(|e| (e.id.clone(), e.kind.to_string())).collect();
+    let meta = BTreeMap::from([
+        ("ids".to_string(), serde_json::to_string(&encoded.ids).unwrap_or_default()),
+        ("skipped".to_string(), serde_json::to_string(&skipped).unwrap_or_default()),
+        ("data".to_string(), set.spec().to_string()),
+    ]);
+    let offsets = Tensor::from_slice(&encoded.offsets.0);
+    let seeds = Tensor::from_slice(&seeds);
+    // A cache that cannot be written is a warning, not a failure.
+    if let Err(e) = std::fs::create_dir_all(dir).map_err(|e| e.to_string()).and_then(|_| {
+        crate::tensor_file::write(
+            &path,
+            &[("features", &encoded.values), ("seeds", &seeds), ("offsets", &offsets)],
+            &meta,
+        )
+        .map_err(|e| e.to_string())
+    }) {
+        tracing::warn!("could not write the feature cache: {e}");
+    }
+    Ok(encoded)
 }

@@ -4,6 +4,7 @@
 
 mod doctor;
 mod features;
+mod model_cmds;
 
 use std::path::PathBuf;
 
@@ -34,13 +35,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Encode an in-distribution set, train the diffusion model, calibrate, write a bundle.
-    Fit(Unbuilt),
+    Fit(Box<model_cmds::FitArgs>),
     /// Recompute a bundle's thresholds from another in-distribution set.
-    Calibrate(Unbuilt),
+    Calibrate(Box<model_cmds::CalibrateArgs>),
     /// Score images (files, folders, IDX, CSV): JSON lines out.
-    Score(Unbuilt),
+    Score(Box<model_cmds::ScoreArgs>),
     /// An ID set against OOD sets: AUROC, FPR95, AUPR, plots and a report.
-    Eval(Unbuilt),
+    Eval(Box<model_cmds::EvalArgs>),
     /// A folder or data set in, a report out: the most out-of-distribution items first.
     Audit(Unbuilt),
     /// The streaming daemon: Kafka in, verdicts and dead letters out, Prometheus metrics.
@@ -154,12 +155,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::Features(args) => features::run(&args, cli.quiet),
-        Command::Fit(_) | Command::Calibrate(_) | Command::Score(_) | Command::Eval(_) => {
-            bail!("not built yet: the DLSR model commands arrive with issue #3")
-        }
+        Command::Fit(args) => model_cmds::run_fit(&args, cli.quiet),
+        Command::Score(args) => model_cmds::run_score(&args, cli.quiet),
+        Command::Eval(args) => model_cmds::run_eval(&args, cli.quiet),
+        Command::Calibrate(args) => model_cmds::run_calibrate(&args, cli.quiet),
         Command::Serve(_) | Command::Publish(_) | Command::Demo(_) => {
             bail!("not built yet: the streaming daemon and its tools arrive with issue #4")
         }
-        Command::Audit(_) => bail!("not built yet: `audit` follows the model commands of issue #3"),
+        Command::Audit(_) => bail!("not built yet: `audit` (ranked report with thumbnails) has no issue yet"),
     }
 }

@@ -59,6 +59,9 @@ pub enum ItemErrorKind {
     Decode(#[from] DecodeError),
     #[error("preprocessing failed: {0}")]
     Preprocess(String),
+    /// An error recorded when the set was encoded into the feature cache.
+    #[error("{0}")]
+    Cached(String),
 }
 
 impl ItemError {
@@ -68,6 +71,7 @@ impl ItemError {
             ItemErrorKind::Io(_) => "io",
             ItemErrorKind::Decode(d) => d.code(),
             ItemErrorKind::Preprocess(_) => "preprocess",
+            ItemErrorKind::Cached(_) => "cached",
         }
     }
 }
@@ -196,6 +200,27 @@ impl DataSet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What identifies the data's content for caching: a hash of the IDX/CSV file, or of
+    /// the folder's file list with sizes and modification times.
+    pub fn fingerprint(&self) -> Result<String, DataError> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        match &self.kind {
+            Kind::Files { files, .. } => {
+                for f in files {
+                    let m = fs::metadata(f).map_err(io_err(f))?;
+                    let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                    h.update(format!("{}\0{}\0{:?}\n", f.display(), m.len(), mtime).as_bytes());
+                }
+            }
+            Kind::Records { pixels, width, height, .. } => {
+                h.update(format!("{width}x{height}\n").as_bytes());
+                h.update(pixels);
+            }
+        }
+        Ok(hex::encode(h.finalize()))
     }
 
     /// Reads item `index` (< `len()`).

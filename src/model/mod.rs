@@ -9,10 +9,15 @@
 //!
 //! The diffusion model (LFDN), training and scoring arrive with issue #3.
 
+pub mod bundle;
 pub mod efficientnet;
 pub mod encoder;
 pub mod features;
+pub mod lfdn;
+pub mod schedule;
+pub mod score;
 pub mod torchscript;
+pub mod train;
 
 /// Errors of the model layer, each with the context needed to act on it.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,356 @@
+//! `fit`, `score`, `eval` and `calibrate`: argument parsing and printing around the
+//! library's [`crate::fit`], [`crate::evaluate`] and scoring functions.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::{DataArgs, EncoderArgs};
+use crate::data::DataSet;
+use crate::device::DeviceSpec;
+use crate::encode::{cache_dir, count_by_code, encode_set_cached, for_each_batch, EncodeOptions, EncodedBatch};
+use crate::eval::calibration::Calibration;
+use crate::fit::{by_kind, check_output_path, fit, FitOptions};
+use crate::model::bundle::Bundle;
+use crate::model::encoder::{EncoderSpec, Precision};
+use crate::model::lfdn::Preset;
+use crate::model::score::{score_all, ScoreKind, ScoreSettings};
+use crate::model::train::TrainConfig;
+use crate::verdict::judge;
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// In-distribution data: image file, folder, IDX file or MNIST-style CSV.
+    #[arg(long)]
+    pub data: String,
+    /// Where to write the bundle (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// LFDN size: small (W 512, N 4) or paper (W = 2 x feature size, N 16).
+    #[arg(long, default_value = "small")]
+    pub preset: Preset,
+    /// Override the preset's width W.
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Override the preset's depth N.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub train_batch_size: usize,
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = TrainConfig::default().ema_decay)]
+    pub ema_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Do not keep the first-epoch weights (no LR score).
+    #[arg(long)]
+    pub no_first_epoch: bool,
+    /// Fraction of the ID data held out for calibration.
+    #[arg(long, default_value_t = 0.1)]
+    pub holdout: f64,
+    /// Target false-positive rate of the calibrated thresholds.
+    #[arg(long, default_value_t = 0.05)]
+    pub target_fpr: f64,
+    #[command(flatten)]
+    pub scoring: ScoringArgs,
+    /// Do not read or write the feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ScoringArgs {
+    /// Distortion step t0.
+    #[arg(long, default_value_t = ScoreSettings::default().t0)]
+    pub t0: usize,
+    /// DDIM stride.
+    #[arg(long, default_value_t = ScoreSettings::default().stride)]
+    pub stride: usize,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = ScoreSettings::default().eta)]
+    pub eta: f64,
+    /// Layers MFsim averages, e.g. 1,2,3,4 (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub mfsim_layers: Option<Vec<usize>>,
+    /// The score that decides verdicts: mse, mfsim or lr.
+    #[arg(long, default_value = "mfsim")]
+    pub score_kind: ScoreKind,
+}
+
+fn encode_opts(e: &EncoderArgs, d: &DataArgs, quiet: bool) -> EncodeOptions {
+    EncodeOptions { batch_size: e.batch_size, limits: d.limits(), quiet }
+}
+
+pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
+    check_output_path(&args.out)?;
+    let device = args.encoder.device.resolve()?;
+    let extractor = args.encoder.build()?;
+    let source: EncoderSpec = args.encoder.encoder.parse()?;
+    let preset = args.preset.config(0);
+    let opts = FitOptions {
+        data: args.data.clone(),
+        limit: args.data_opts.limit,
+        out: args.out.clone(),
+        encoder_source: source,
+        width: args.width.or((args.preset == Preset::Small).then_some(preset.width)),
+        depth: args.depth.unwrap_or(preset.depth),
+        train: TrainConfig {
+            epochs: args.epochs,
+            batch_size: args.train_batch_size,
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ema_decay: args.ema_decay,
+            seed: args.seed,
+            keep_first_epoch: !args.no_first_epoch,
+        },
+        holdout_fraction: args.holdout,
+        target_fpr: args.target_fpr,
+        scoring: ScoreSettings {
+            t0: args.scoring.t0,
+            stride: args.scoring.stride,
+            eta: args.scoring.eta,
+            mfsim_layers: args.scoring.mfsim_layers.clone(),
+        },
+        default_score: args.scoring.score_kind,
+        encode: encode_opts(&args.encoder, &args.data_opts, quiet),
+        cache: (!args.no_cache).then(cache_dir),
+        device,
+    };
+    let interrupted = crate::shutdown::interrupt_flag();
+    let report = fit(&extractor, &opts, interrupted).context("fit failed; no bundle was written")?;
+    let m = &report.meta;
+    let t = &m.training;
+    println!("bundle: {}", args.out.display());
+    println!(
+        "encoder: {} at {} px on {}; features {} ({} layers){}",
+        m.encoder.name,
+        m.preprocess.size,
+        t.summary.device,
+        m.lfdn.dim,
+        m.offsets.layers(),
+        if report.features_cached { ", from cache" } else { "" }
+    );
+    println!("items: {} train, {} held out, {} skipped {:?}", t.train_items, t.holdout_items, t.skipped_items, report.skipped);
+    println!(
+        "lfdn: W {} N {}, {} epochs, {} steps, final loss {:.5}",
+        m.lfdn.width,
+        m.lfdn.depth,
+        t.summary.epochs,
+        t.summary.steps,
+        t.summary.epoch_loss.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "time: encode {:.1}s, train {:.1}s ({:.0} items/s), calibrate {:.1}s",
+        report.encode_seconds,
+        t.summary.seconds,
+        (t.train_items * t.summary.epochs) as f64 / t.summary.seconds.max(1e-9),
+        report.calibrate_seconds
+    );
+    print_calibration(&m.calibration);
+    Ok(())
+}
+
+fn print_calibration(c: &Calibration) {
+    println!("calibration at target FPR {:.2}% on {} held-out items:", c.target_fpr * 100.0, c.items);
+    for (kind, s) in &c.scores {
+        println!(
+            "  {:<5} threshold {:.6}  achieved FPR {:.2}%{}",
+            kind.name(),
+            s.threshold,
+            s.achieved_fpr * 100.0,
+            if s.achievable { String::new() } else { format!("  NOT ACHIEVABLE: {}", s.note.clone().unwrap_or_default()) }
+        );
+    }
+}
+
+/// Options of commands that load a bundle.
+#[derive(Debug, Args, Clone)]
+pub struct BundleArgs {
+    /// The model bundle written by `dlsr fit`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Encoder override (must have the bundle's weights checksum), e.g. a moved .pt file.
+    #[arg(long)]
+    pub encoder: Option<String>,
+    /// f32, or on CUDA f16 (autocast) / bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Images per encoder batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+impl BundleArgs {
+    fn load(&self) -> anyhow::Result<(Bundle, crate::model::features::FeatureExtractor)> {
+        let device = self.device.resolve()?;
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let bundle = Bundle::load(&self.model, device).with_context(|| format!("loading {}", self.model.display()))?;
+        let extractor = bundle.load_encoder(self.encoder.as_deref(), self.precision)?;
+        Ok((bundle, extractor))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    /// Image files, folders, IDX files or MNIST-style CSVs.
+    #[arg(required = true)]
+    pub specs: Vec<String>,
+    /// The score that decides verdicts (default: the bundle's).
+    #[arg(long)]
+    pub score_kind: Option<ScoreKind>,
+    /// Absolute threshold instead of the calibrated one.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
+    let (bundle, extractor) = args.bundle.load()?;
+    let kind = args.score_kind.unwrap_or(bundle.meta.default_score);
+    if kind == ScoreKind::Lr && !bundle.meta.has_first_epoch {
+        bail!("the bundle has no first-epoch weights, so no LR score");
+    }
+    let settings = bundle.meta.scoring.clone();
+    let scorer = bundle.scorer(&settings);
+    let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let (mut scored, mut failed) = (0usize, 0usize);
+    for spec in &args.specs {
+        let set = match DataSet::open(spec) {
+            Ok(s) => s.with_limit(args.data_opts.limit),
+            Err(e) => {
+                failed += 1;
+                writeln!(out, "{}", serde_json::json!({"id": spec, "error": e.to_string(), "code": "unreadable"}))?;
+                continue;
+            }
+        };
+        for_each_batch(&extractor, &set, &opts, "score", |b: EncodedBatch| -> anyhow::Result<()> {
+            for e in &b.errors {
+                failed += 1;
+                writeln!(out, "{}", serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}))?;
+            }
+            if let Some(f) = b.features {
+                let scores = scorer.score(&f.values, &b.seeds)?;
+                for (id, s) in b.ids.iter().zip(&scores) {
+                    let v = judge(id, s, kind, &bundle.meta.calibration, args.threshold)?;
+                    writeln!(out, "{}", serde_json::to_string(&v)?)?;
+                    scored += 1;
+                }
+            }
+            out.flush()?;
+            Ok(())
+        })?;
+    }
+    out.flush()?;
+    if scored == 0 {
+        bail!("nothing could be scored ({failed} error(s))");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    /// In-distribution test data.
+    #[arg(long)]
+    pub id: String,
+    /// An OOD set as NAME=SPEC; repeat for several.
+    #[arg(long = "ood", required = true, value_parser = parse_named_spec)]
+    pub oods: Vec<(String, String)>,
+    /// Directory for metrics.json, report.md and the plots.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Do not read or write the feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+fn parse_named_spec(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, spec)) if !name.is_empty() && !spec.is_empty() => Ok((name.to_string(), spec.to_string())),
+        _ => Err(format!("{s:?} is not NAME=SPEC")),
+    }
+}
+
+pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
+    let (bundle, extractor) = args.bundle.load()?;
+    let settings = bundle.meta.scoring.clone();
+    let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
+    let cache = (!args.no_cache).then(cache_dir);
+    let report = crate::evaluate::evaluate(
+        &bundle,
+        &extractor,
+        &settings,
+        &args.id,
+        &args.oods,
+        args.data_opts.limit,
+        &opts,
+        cache.as_deref(),
+        &args.out,
+    )?;
+    println!("ID: {} ({} items, {} skipped)", report.id.name, report.id.n, report.id.skipped);
+    print!("{}", crate::evaluate::table(&report));
+    let timing: Vec<String> = std::iter::once(&report.id)
+        .chain(&report.ood_sets)
+        .map(|s| format!("{} encode {:.1}s score {:.1}s", s.name, s.encode_seconds, s.score_seconds))
+        .collect();
+    println!("time: {}", timing.join("; "));
+    println!("wrote {}/metrics.json, report.md and plots", args.out.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    /// In-distribution data to calibrate on (not the data the model was trained on).
+    #[arg(long)]
+    pub data: String,
+    /// Target false-positive rate (default: the bundle's).
+    #[arg(long)]
+    pub target_fpr: Option<f64>,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
+    let (mut bundle, extractor) = args.bundle.load()?;
+    let settings = bundle.meta.scoring.clone();
+    let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
+    let set = DataSet::open(&args.data)?.with_limit(args.data_opts.limit);
+    let encoded = encode_set_cached(&extractor, &set, &opts, Some(&cache_dir()))?;
+    if encoded.ids.is_empty() {
+        bail!("no item of {} could be encoded", args.data);
+    }
+    let scores = score_all(&bundle.scorer(&settings), &encoded.values, &encoded.seeds, 256)?;
+    let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
+    let calibration = Calibration::build(&by_kind(&scores), target, &args.data)?;
+    println!("{} items scored, {} skipped {:?}", encoded.ids.len(), encoded.skipped.len(), count_by_code(&encoded.skipped));
+    print_calibration(&calibration);
+    bundle.save_with_calibration(calibration)?;
+    println!("updated {}", bundle.path.display());
+    Ok(())
+}

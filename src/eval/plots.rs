@@ -1,0 +1,147 @@
+//! Plots for an evaluation, as SVG (no fonts or system libraries needed): per score, the
+//! ID score histogram against each OOD set's, with the calibrated threshold; and the ROC
+//! curves of every OOD set.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::metrics::roc_curve;
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("plot {path}: {reason}")]
+pub struct PlotError {
+    path: String,
+    reason: String,
+}
+
+fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
+    move |reason| PlotError { path: path.display().to_string(), reason }
+}
+
+/// Density histograms of ID and OOD scores, 60 bins over the 0.5%..99.5% range of all
+/// scores (so a few extreme values do not squash the picture).
+pub fn score_histogram(
+    path: &Path,
+    title: &str,
+    id: &[f64],
+    oods: &[(&str, &[f64])],
+    threshold: Option<f64>,
+) -> Result<(), PlotError> {
+    let e = err(path);
+    let mut all: Vec<f64> = id.iter().chain(oods.iter().flat_map(|o| o.1.iter())).copied().filter(|x| x.is_finite()).collect();
+    if all.is_empty() {
+        return Err(e("no scores".into()));
+    }
+    all.sort_by(f64::total_cmp);
+    let lo = all[(all.len() as f64 * 0.005) as usize];
+    let hi = all[((all.len() as f64 * 0.995) as usize).min(all.len() - 1)];
+    let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let bins = 60;
+    let width = (hi - lo) / bins as f64;
+    let density = |v: &[f64]| -> Vec<f64> {
+        let mut h = vec![0.0; bins];
+        for &x in v.iter().filter(|x| x.is_finite()) {
+            let b = (((x - lo) / width).floor() as i64).clamp(0, bins as i64 - 1) as usize;
+            h[b] += 1.0;
+        }
+        let n = v.len().max(1) as f64;
+        h.iter().map(|c| c / n / width).collect()
+    };
+    let mut series = vec![("ID".to_string(), density(id))];
+    series.extend(oods.iter().map(|(name, v)| (format!("OOD: {name}"), density(v))));
+    let ymax = series.iter().flat_map(|s| s.1.iter()).copied().fold(0.0, f64::max) * 1.1;
+
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(lo..hi, 0.0..ymax.max(1e-12))
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("score (higher = more out-of-distribution)")
+        .y_desc("density")
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (i, (name, h)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = h
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &y)| [(lo + b as f64 * width, y), (lo + (b + 1) as f64 * width, y)])
+            .collect();
+        chart
+            .draw_series(AreaSeries::new(pts.clone(), 0.0, color.mix(0.25)).border_style(color.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    if let Some(t) = threshold.filter(|t| (lo..=hi).contains(t)) {
+        chart
+            .draw_series(LineSeries::new(vec![(t, 0.0), (t, ymax)], BLACK.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label("threshold")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// ROC curves of several (label, id scores, ood scores) triples.
+pub fn roc_curves(path: &Path, title: &str, curves: &[(String, &[f64], &[f64])]) -> Result<(), PlotError> {
+    let e = err(path);
+    let root = SVGBackend::new(path, (620, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("false-positive rate (ID flagged)")
+        .y_desc("true-positive rate (OOD flagged)")
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
+        .map_err(|x| e(x.to_string()))?;
+    for (i, (label, id, ood)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let auc = super::metrics::auroc(id, ood).unwrap_or(f64::NAN);
+        chart
+            .draw_series(LineSeries::new(roc_curve(id, ood), color.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(format!("{label} (AUROC {auc:.4})"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}

@@ -1,0 +1,308 @@
+//! Scoring (METHOD.md section 5): distort a feature vector at t0 with noise seeded from
+//! the item, reconstruct it with DDIM through the LFDN, and measure what came back:
+//! MSE, MFsim (minus the mean per-layer cosine), LR (first-epoch MSE minus final MSE),
+//! and per-layer MSE and cosine. Higher is more out-of-distribution for every score.
+//!
+//! The noise comes from a counter-based generator keyed by (item seed, step), computed on
+//! the CPU in Rust, so an item's noise is the same whatever batch it is in and whatever
+//! device scores it.
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::features::LayerOffsets;
+use super::lfdn::Lfdn;
+use super::schedule::Schedule;
+
+/// Which score decides a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreKind {
+    Mse,
+    Mfsim,
+    Lr,
+}
+
+impl ScoreKind {
+    pub const ALL: [ScoreKind; 3] = [Self::Mse, Self::Mfsim, Self::Lr];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mse => "mse",
+            Self::Mfsim => "mfsim",
+            Self::Lr => "lr",
+        }
+    }
+}
+
+impl std::str::FromStr for ScoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mse" => Ok(Self::Mse),
+            "mfsim" => Ok(Self::Mfsim),
+            "lr" => Ok(Self::Lr),
+            other => Err(format!("unknown score {other:?}: expected mse, mfsim or lr")),
+        }
+    }
+}
+
+impl std::fmt::Display for ScoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSettings {
+    /// Distortion step (paper: 3..10 best; official code 3).
+    pub t0: usize,
+    /// DDIM stride (1: t0 network calls).
+    pub stride: usize,
+    /// DDIM eta (0: deterministic given the initial noise; the official code used 1).
+    pub eta: f64,
+    /// Layers averaged by MFsim (None: all; the official code skips the first).
+    pub mfsim_layers: Option<Vec<usize>>,
+}
+
+impl Default for ScoreSettings {
+    fn default() -> Self {
+        Self { t0: 3, stride: 1, eta: 0.0, mfsim_layers: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerScore {
+    pub mse: f64,
+    pub cos: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemScores {
+    pub mse: f64,
+    pub mfsim: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    pub layers: Vec<LayerScore>,
+}
+
+impl ItemScores {
+    pub fn get(&self, kind: ScoreKind) -> Option<f64> {
+        match kind {
+            ScoreKind::Mse => Some(self.mse),
+            ScoreKind::Mfsim => Some(self.mfsim),
+            ScoreKind::Lr => self.lr,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error("t0 = {t0} is outside the schedule's 0..{steps}")]
+    BadT0 { t0: usize, steps: usize },
+    #[error("stride must be at least 1")]
+    BadStride,
+    #[error("MFsim layer {layer} does not exist (the features have {layers} layers)")]
+    BadLayer { layer: usize, layers: usize },
+    #[error("features have dimension {got}, the model expects {want}")]
+    BadDim { got: i64, want: i64 },
+    #[error("{0} seeds for {1} items")]
+    SeedCount(usize, usize),
+    #[error("tensor operation failed while scoring: {0}")]
+    Tch(#[from] tch::TchError),
+}
+
+/// A 64-bit seed from an item's content (its encoded bytes or raw pixels).
+pub fn content_seed(bytes: &[u8]) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Standard normal noise for (seed, step): Box-Muller over splitmix64.
+pub fn item_noise(seed: u64, step: u64, dim: usize) -> Vec<f32> {
+    let mut state = seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut out = Vec::with_capacity(dim + 1);
+    while out.len() < dim {
+        // 53-bit uniforms in (0, 1].
+        let u1 = ((splitmix64(&mut state) >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(dim);
+    out
+}
+
+fn noise_batch(seeds: &[u64], step: u64, dim: i64, device: Device) -> Result<Tensor, tch::TchError> {
+    let flat: Vec<f32> = seeds.iter().flat_map(|&s| item_noise(s, step, dim as usize)).collect();
+    Tensor::f_from_slice(&flat)?.f_view([seeds.len() as i64, dim])?.f_to_device(device)
+}
+
+/// The models and settings that turn feature vectors into scores.
+pub struct Scorer<'a> {
+    pub final_model: &'a Lfdn,
+    pub first_epoch_model: Option<&'a Lfdn>,
+    pub schedule: &'a Schedule,
+    pub settings: &'a ScoreSettings,
+    pub offsets: &'a LayerOffsets,
+    pub device: Device,
+}
+
+impl Scorer<'_> {
+    pub fn validate(&self) -> Result<(), ScoreError> {
+        let s = self.settings;
+        if s.t0 >= self.schedule.steps {
+            return Err(ScoreError::BadT0 { t0: s.t0, steps: self.schedule.steps });
+        }
+        if s.stride == 0 {
+            return Err(ScoreError::BadStride);
+        }
+        let layers = self.offsets.layers();
+        for &layer in s.mfsim_layers.iter().flatten() {
+            if layer >= layers {
+                return Err(ScoreError::BadLayer { layer, layers });
+            }
+        }
+        if self.offsets.dim() != self.final_model.config.dim {
+            return Err(ScoreError::BadDim { got: self.offsets.dim(), want: self.final_model.config.dim });
+        }
+        Ok(())
+    }
+
+    /// DDIM from t0 down to 0 (LDM convention: the last step lands on alpha_bar_0).
+    fn reconstruct(&self, model: &Lfdn, z0: &Tensor, seeds: &[u64]) -> Result<Tensor, ScoreError> {
+        let s = self.settings;
+        let ab = &self.schedule.alpha_bar;
+        let (batch, dim) = (seeds.len() as i64, z0.size()[1]);
+        let eps = noise_batch(seeds, 0, dim, self.device)?;
+        let mut z = z0.f_mul_scalar(ab[s.t0].sqrt())?.f_add(&eps.f_mul_scalar((1.0 - ab[s.t0]).sqrt())?)?;
+        let mut t = s.t0;
+        let mut step = 1u64;
+        while t > 0 {
+            let prev = t.saturating_sub(s.stride);
+            let (ab_t, ab_prev) = (ab[t], ab[prev]);
+            let t_tensor = Tensor::f_full([batch], t as i64, (Kind::Int64, self.device))?;
+            let x0_hat = model.forward(&z, &t_tensor)?;
+            let eps_hat = z.f_sub(&x0_hat.f_mul_scalar(ab_t.sqrt())?)?.f_div_scalar((1.0 - ab_t).sqrt())?;
+            let sigma = s.eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).max(0.0).sqrt();
+            let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
+            z = x0_hat.f_mul_scalar(ab_prev.sqrt())?.f_add(&eps_hat.f_mul_scalar(dir)?)?;
+            if sigma > 0.0 {
+                z = z.f_add(&noise_batch(seeds, step, dim, self.device)?.f_mul_scalar(sigma)?)?;
+            }
+            t = prev;
+            step += 1;
+        }
+        Ok(z)
+    }
+
+    /// Per item: mean squared error, and per layer (mse, cosine), all `[B]`/`[B, L]`.
+    fn compare(&self, z0: &Tensor, rec: &Tensor) -> Result<(Tensor, Tensor, Tensor), ScoreError> {
+        let mse = z0.f_sub(rec)?.f_square()?.f_mean_dim([1i64].as_slice(), false, None)?;
+        let mut layer_mse = Vec::new();
+        let mut layer_cos = Vec::new();
+        for l in 0..self.offsets.layers() {
+            let (a, b) = self.offsets.range(l);
+            let x = z0.f_narrow(1, a, b - a)?;
+            let y = rec.f_narrow(1, a, b - a)?;
+            layer_mse.push(x.f_sub(&y)?.f_square()?.f_mean_dim([1i64].as_slice(), false, None)?);
+            layer_cos.push(Tensor::f_cosine_similarity(&x, &y, 1, 1e-8)?);
+        }
+        Ok((mse, Tensor::f_stack(&layer_mse, 1)?, Tensor::f_stack(&layer_cos, 1)?))
+    }
+
+    /// Scores a batch of feature vectors `[B, D]`; `seeds[i]` seeds item i's noise.
+    pub fn score(&self, features: &Tensor, seeds: &[u64]) -> Result<Vec<ItemScores>, ScoreError> {
+        self.validate()?;
+        let batch = features.size()[0] as usize;
+        if seeds.len() != batch {
+            return Err(ScoreError::SeedCount(seeds.len(), batch));
+        }
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        if features.size()[1] != self.final_model.config.dim {
+            return Err(ScoreError::BadDim { got: features.size()[1], want: self.final_model.config.dim });
+        }
+        tch::no_grad(|| {
+            let z0 = features.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
+            let rec = self.reconstruct(self.final_model, &z0, seeds)?;
+            let (mse, layer_mse, layer_cos) = self.compare(&z0, &rec)?;
+            let lr = match self.first_epoch_model {
+                Some(first) => {
+                    let rec_first = self.reconstruct(first, &z0, seeds)?;
+                    let (mse_first, _, _) = self.compare(&z0, &rec_first)?;
+                    Some(to_vec(&mse_first.f_sub(&mse)?)?)
+                }
+                None => None,
+            };
+            let mse = to_vec(&mse)?;
+            let layers = self.offsets.layers();
+            let lm = to_vec(&layer_mse.f_reshape([-1])?)?;
+            let lc = to_vec(&layer_cos.f_reshape([-1])?)?;
+            let chosen: Vec<usize> = match &self.settings.mfsim_layers {
+                Some(ls) if !ls.is_empty() => ls.clone(),
+                _ => (0..layers).collect(),
+            };
+            Ok((0..batch)
+                .map(|i| {
+                    let per_layer: Vec<LayerScore> =
+                        (0..layers).map(|l| LayerScore { mse: lm[i * layers + l], cos: lc[i * layers + l] }).collect();
+                    let mfsim = -chosen.iter().map(|&l| per_layer[l].cos).sum::<f64>() / chosen.len() as f64;
+                    ItemScores { mse: mse[i], mfsim, lr: lr.as_ref().map(|v| v[i]), layers: per_layer }
+                })
+                .collect())
+        })
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f64>, tch::TchError> {
+    Vec::<f64>::try_from(t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_noise_is_standard_normal_and_reproducible() {
+        let a = item_noise(42, 0, 10_000);
+        assert_eq!(a, item_noise(42, 0, 10_000));
+        assert_ne!(a[..8], item_noise(43, 0, 8)[..]);
+        assert_ne!(a[..8], item_noise(42, 1, 8)[..]);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn content_seed_depends_on_every_byte() {
+        assert_eq!(content_seed(b"abc"), content_seed(b"abc"));
+        assert_ne!(content_seed(b"abc"), content_seed(b"abd"));
+    }
+}
+
+/// Scores `[N, D]` features in batches of `batch` (CPU in, any device inside).
+pub fn score_all(scorer: &Scorer, values: &Tensor, seeds: &[u64], batch: usize) -> Result<Vec<ItemScores>, ScoreError> {
+    let n = values.size()[0] as usize;
+    if seeds.len() != n {
+        return Err(ScoreError::SeedCount(seeds.len(), n));
+    }
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(batch.max(1)) {
+        let len = batch.max(1).min(n - start);
+        out.extend(scorer.score(&values.f_narrow(0, start as i64, len as i64)?, &seeds[start..start + len])?);
+    }
+    Ok(out)
+}

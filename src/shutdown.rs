@@ -1,0 +1,26 @@
+//! Interruption of long batch work (Ctrl-C during `fit`): a flag set from the SIGINT /
+//! SIGTERM handler and polled by loops, so they stop between steps and nothing is left
+//! half-written. The daemon's graceful shutdown is separate (issue #4).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe. A second Ctrl-C kills as usual.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    // SAFETY: restoring the default disposition is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+/// Installs the handler (idempotent) and returns the flag.
+pub fn interrupt_flag() -> &'static AtomicBool {
+    // SAFETY: the handler only touches an atomic and resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    &INTERRUPTED
+}
