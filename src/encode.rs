@@ -109,8 +109,13 @@ pub fn for_each_batch<E: From<ModelError>>(
         scope.spawn(move || {
             for start in (0..total).step_by(batch_size) {
                 let end = (start + batch_size).min(total);
-                let mut batch =
-                    PreparedBatch { ids: Vec::new(), seeds: Vec::new(), images: None, errors: Vec::new(), items: end - start };
+                let mut batch = PreparedBatch {
+                    ids: Vec::new(),
+                    seeds: Vec::new(),
+                    images: None,
+                    errors: Vec::new(),
+                    items: end - start,
+                };
                 let mut tensors = Vec::new();
                 for i in start..end {
                     match load_item(set, i, &limits, &pre) {
@@ -127,10 +132,12 @@ pub fn for_each_batch<E: From<ModelError>>(
                         Ok(t) => batch.images = Some(t),
                         Err(e) => {
                             let reason = e.to_string();
-                            batch.errors.extend(batch.ids.drain(..).map(|id| ItemError {
-                                id,
-                                kind: ItemErrorKind::Preprocess(reason.clone()),
-                            }));
+                            batch.errors.extend(
+                                batch.ids.drain(..).map(|id| ItemError {
+                                    id,
+                                    kind: ItemErrorKind::Preprocess(reason.clone()),
+                                }),
+                            );
                             batch.seeds.clear();
                         }
                     }
@@ -158,24 +165,32 @@ pub fn for_each_batch<E: From<ModelError>>(
 }
 
 /// Encodes every item of `set` into memory.
-pub fn encode_set(extractor: &FeatureExtractor, set: &DataSet, opts: &EncodeOptions) -> Result<EncodedSet, ModelError> {
+pub fn encode_set(
+    extractor: &FeatureExtractor,
+    set: &DataSet,
+    opts: &EncodeOptions,
+) -> Result<EncodedSet, ModelError> {
     let mut ids = Vec::with_capacity(set.len());
     let mut seeds = Vec::with_capacity(set.len());
     let mut chunks = Vec::new();
     let mut skipped = Vec::new();
     let mut offsets = None;
-    let seconds = for_each_batch(extractor, set, opts, "encode", |b: EncodedBatch| -> Result<(), ModelError> {
-        skipped.extend(b.errors);
-        if let Some(f) = b.features {
-            offsets.get_or_insert(f.offsets);
-            chunks.push(f.values);
-            ids.extend(b.ids);
-            seeds.extend(b.seeds);
-        }
-        Ok(())
-    })?;
-    let values =
-        if chunks.is_empty() { Tensor::f_zeros([0, 0], (Kind::Float, tch::Device::Cpu))? } else { Tensor::f_cat(&chunks, 0)? };
+    let seconds =
+        for_each_batch(extractor, set, opts, "encode", |b: EncodedBatch| -> Result<(), ModelError> {
+            skipped.extend(b.errors);
+            if let Some(f) = b.features {
+                offsets.get_or_insert(f.offsets);
+                chunks.push(f.values);
+                ids.extend(b.ids);
+                seeds.extend(b.seeds);
+            }
+            Ok(())
+        })?;
+    let values = if chunks.is_empty() {
+        Tensor::f_zeros([0, 0], (Kind::Float, tch::Device::Cpu))?
+    } else {
+        Tensor::f_cat(&chunks, 0)?
+    };
     Ok(EncodedSet {
         ids,
         seeds,
@@ -202,7 +217,11 @@ pub fn cache_dir() -> PathBuf {
 
 /// The cache key: encoder identity (incl. weights checksum), preprocessing, decode
 /// limits, the data's fingerprint and the item limit.
-pub fn cache_key(extractor: &FeatureExtractor, set: &DataSet, opts: &EncodeOptions) -> Result<String, ModelError> {
+pub fn cache_key(
+    extractor: &FeatureExtractor,
+    set: &DataSet,
+    opts: &EncodeOptions,
+) -> Result<String, ModelError> {
     use sha2::Digest;
     let fingerprint = set.fingerprint().map_err(|e| ModelError::Io {
         path: PathBuf::from(set.spec()),
@@ -260,7 +279,8 @@ pub fn encode_set_cached(
     }
     let encoded = encode_set(extractor, set, opts)?;
     let seeds: Vec<i64> = encoded.seeds.iter().map(|&s| s as i64).collect();
-    let skipped: Vec<(String, String)> = encoded.skipped.iter().map(|e| (e.id.clone(), e.kind.to_string())).collect();
+    let skipped: Vec<(String, String)> =
+        encoded.skipped.iter().map(|e| (e.id.clone(), e.kind.to_string())).collect();
     let meta = BTreeMap::from([
         ("ids".to_string(), serde_json::to_string(&encoded.ids).unwrap_or_default()),
         ("skipped".to_string(), serde_json::to_string(&skipped).unwrap_or_default()),

@@ -47,20 +47,21 @@ struct Scored {
     scores: BTreeMap<ScoreKind, Vec<f64>>,
 }
 
-fn score_set(
-    bundle: &Bundle,
-    extractor: &FeatureExtractor,
-    settings: &ScoreSettings,
-    name: &str,
-    spec: &str,
+/// What every set of an evaluation is scored with.
+struct Context<'a> {
+    bundle: &'a Bundle,
+    extractor: &'a FeatureExtractor,
+    settings: &'a ScoreSettings,
     limit: Option<usize>,
-    opts: &EncodeOptions,
-    cache: Option<&Path>,
-) -> Result<Scored, FitError> {
-    let set = DataSet::open(spec)?.with_limit(limit);
-    let encoded = encode_set_cached(extractor, &set, opts, cache)?;
+    opts: &'a EncodeOptions,
+    cache: Option<&'a Path>,
+}
+
+fn score_set(cx: &Context, name: &str, spec: &str) -> Result<Scored, FitError> {
+    let set = DataSet::open(spec)?.with_limit(cx.limit);
+    let encoded = encode_set_cached(cx.extractor, &set, cx.opts, cx.cache)?;
     let started = std::time::Instant::now();
-    let scores = score_all(&bundle.scorer(settings), &encoded.values, &encoded.seeds, 256)?;
+    let scores = score_all(&cx.bundle.scorer(cx.settings), &encoded.values, &encoded.seeds, 256)?;
     Ok(Scored {
         info: SetInfo {
             name: name.to_string(),
@@ -87,10 +88,11 @@ pub fn evaluate(
 ) -> Result<EvalReport, FitError> {
     std::fs::create_dir_all(out_dir)
         .map_err(|e| FitError::Invalid(format!("cannot create {}: {e}", out_dir.display())))?;
-    let id = score_set(bundle, extractor, settings, "id", id_spec, limit, opts, cache)?;
+    let cx = Context { bundle, extractor, settings, limit, opts, cache };
+    let id = score_set(&cx, "id", id_spec)?;
     let mut scored_oods = Vec::new();
     for (name, spec) in oods {
-        scored_oods.push(score_set(bundle, extractor, settings, name, spec, limit, opts, cache)?);
+        scored_oods.push(score_set(&cx, name, spec)?);
     }
     let mut sets = Vec::new();
     for ood in &scored_oods {
@@ -127,10 +129,8 @@ pub fn evaluate(
 
 /// The Markdown table of a report.
 pub fn table(report: &EvalReport) -> String {
-    let kinds: Vec<ScoreKind> = ScoreKind::ALL
-        .into_iter()
-        .filter(|k| report.sets.iter().any(|s| s.auroc.contains_key(k)))
-        .collect();
+    let kinds: Vec<ScoreKind> =
+        ScoreKind::ALL.into_iter().filter(|k| report.sets.iter().any(|s| s.auroc.contains_key(k))).collect();
     let mut out = String::from("| OOD set | n |");
     for metric in ["AUROC", "FPR95", "AUPR"] {
         for k in &kinds {
@@ -155,7 +155,13 @@ pub fn table(report: &EvalReport) -> String {
     out
 }
 
-fn write_outputs(bundle: &Bundle, report: &EvalReport, id: &Scored, oods: &[Scored], dir: &Path) -> Result<(), FitError> {
+fn write_outputs(
+    bundle: &Bundle,
+    report: &EvalReport,
+    id: &Scored,
+    oods: &[Scored],
+    dir: &Path,
+) -> Result<(), FitError> {
     let io = |e: std::io::Error| FitError::Invalid(format!("writing to {}: {e}", dir.display()));
     let metrics = serde_json::json!({
         "id": {"name": report.id.name, "n": report.id.n},
@@ -165,7 +171,8 @@ fn write_outputs(bundle: &Bundle, report: &EvalReport, id: &Scored, oods: &[Scor
         "model": report.model,
         "timing": {"id": report.id, "ood": report.ood_sets},
     });
-    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default()).map_err(io)?;
+    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default())
+        .map_err(io)?;
 
     let mut md = format!(
         "# dlsr evaluation\n\nModel: `{}` (encoder {}, {} px, LFDN W={} N={}, t0={})\n\nID: `{}` ({} items)\n\n",
@@ -182,15 +189,23 @@ fn write_outputs(bundle: &Bundle, report: &EvalReport, id: &Scored, oods: &[Scor
     md.push_str("\nAUROC and AUPR treat OOD as positive; FPR95 is the fraction of OOD accepted at the threshold that accepts 95% of ID.\n\nPlots: ");
     let mut plot_names = Vec::new();
     for (kind, id_scores) in &id.scores {
-        let ood_lists: Vec<(&str, &[f64])> =
-            oods.iter().filter_map(|o| o.scores.get(kind).map(|v| (o.info.name.as_str(), v.as_slice()))).collect();
+        let ood_lists: Vec<(&str, &[f64])> = oods
+            .iter()
+            .filter_map(|o| o.scores.get(kind).map(|v| (o.info.name.as_str(), v.as_slice())))
+            .collect();
         if ood_lists.is_empty() {
             continue;
         }
         let threshold = bundle.meta.calibration.scores.get(kind).map(|c| c.threshold);
         let hist = format!("hist_{}.svg", kind.name());
-        plots::score_histogram(&dir.join(&hist), &format!("{} scores: ID vs OOD", kind.name()), id_scores, &ood_lists, threshold)
-            .map_err(|e| FitError::Invalid(e.to_string()))?;
+        plots::score_histogram(
+            &dir.join(&hist),
+            &format!("{} scores: ID vs OOD", kind.name()),
+            id_scores,
+            &ood_lists,
+            threshold,
+        )
+        .map_err(|e| FitError::Invalid(e.to_string()))?;
         let roc = format!("roc_{}.svg", kind.name());
         let curves: Vec<(String, &[f64], &[f64])> =
             ood_lists.iter().map(|(n, v)| (n.to_string(), id_scores.as_slice(), *v)).collect();

@@ -90,9 +90,16 @@ fn select(values: &Tensor, idx: &[usize]) -> Result<Tensor, tch::TchError> {
     values.f_index_select(0, &Tensor::f_from_slice(&idx)?)
 }
 
-pub fn fit(extractor: &FeatureExtractor, opts: &FitOptions, interrupted: &AtomicBool) -> Result<FitReport, FitError> {
+pub fn fit(
+    extractor: &FeatureExtractor,
+    opts: &FitOptions,
+    interrupted: &AtomicBool,
+) -> Result<FitReport, FitError> {
     if !(0.0..1.0).contains(&opts.holdout_fraction) || opts.holdout_fraction == 0.0 {
-        return Err(FitError::Invalid(format!("holdout fraction {} must be in (0, 1)", opts.holdout_fraction)));
+        return Err(FitError::Invalid(format!(
+            "holdout fraction {} must be in (0, 1)",
+            opts.holdout_fraction
+        )));
     }
     if opts.default_score == ScoreKind::Lr && !opts.train.keep_first_epoch {
         return Err(FitError::Invalid("the LR score needs the first-epoch weights".into()));
@@ -101,7 +108,10 @@ pub fn fit(extractor: &FeatureExtractor, opts: &FitOptions, interrupted: &Atomic
     let encoded = encode_set_cached(extractor, &set, &opts.encode, opts.cache.as_deref())?;
     let n = encoded.ids.len();
     if n < 2 {
-        return Err(FitError::Invalid(format!("{}: {n} usable item(s); fitting needs at least 2", opts.data)));
+        return Err(FitError::Invalid(format!(
+            "{}: {n} usable item(s); fitting needs at least 2",
+            opts.data
+        )));
     }
     let holdout = ((n as f64 * opts.holdout_fraction).round() as usize).clamp(1, n - 1);
     let order = shuffled_indices(n, opts.train.seed as u64);
@@ -113,10 +123,14 @@ pub fn fit(extractor: &FeatureExtractor, opts: &FitOptions, interrupted: &Atomic
     let dim = encoded.offsets.dim();
     let config = LfdnConfig { dim, width: opts.width.unwrap_or(2 * dim), depth: opts.depth };
     if config.width < 2 || config.depth == 0 {
-        return Err(FitError::Invalid(format!("LFDN width {} and depth {} must be >= 2 and >= 1", config.width, config.depth)));
+        return Err(FitError::Invalid(format!(
+            "LFDN width {} and depth {} must be >= 2 and >= 1",
+            config.width, config.depth
+        )));
     }
     let schedule = Schedule::dlsr();
-    let trained = train(&train_values, config, &schedule, &opts.train, opts.device, opts.encode.quiet, interrupted)?;
+    let trained =
+        train(&train_values, config, &schedule, &opts.train, opts.device, opts.encode.quiet, interrupted)?;
 
     let started = std::time::Instant::now();
     let scorer = crate::model::score::Scorer {
@@ -130,7 +144,8 @@ pub fn fit(extractor: &FeatureExtractor, opts: &FitOptions, interrupted: &Atomic
     scorer.validate()?;
     let hold_scores = score_all(&scorer, &hold_values, &hold_seeds, 256)?;
     let per_score = by_kind(&hold_scores);
-    let calibration = Calibration::build(&per_score, opts.target_fpr, &format!("{} (held-out {holdout})", opts.data))?;
+    let calibration =
+        Calibration::build(&per_score, opts.target_fpr, &format!("{} (held-out {holdout})", opts.data))?;
     for (kind, c) in &calibration.scores {
         if let Some(note) = &c.note {
             tracing::warn!(score = kind.name(), "{note}");
@@ -142,7 +157,10 @@ pub fn fit(extractor: &FeatureExtractor, opts: &FitOptions, interrupted: &Atomic
         format: BUNDLE_FORMAT.into(),
         format_version: BUNDLE_VERSION,
         dlsr_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         encoder: extractor.encoder.identity().clone(),
         encoder_source: opts.encoder_source.clone(),
         preprocess: extractor.preprocess,
@@ -193,7 +211,11 @@ pub fn by_kind(scores: &[crate::model::score::ItemScores]) -> BTreeMap<ScoreKind
 pub fn check_output_path(path: &Path) -> Result<(), FitError> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        return Err(FitError::Invalid(format!("{}: directory {} does not exist", path.display(), parent.display())));
+        return Err(FitError::Invalid(format!(
+            "{}: directory {} does not exist",
+            path.display(),
+            parent.display()
+        )));
     }
     Ok(())
 }

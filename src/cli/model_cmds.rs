@@ -10,7 +10,9 @@ use clap::Args;
 use super::{DataArgs, EncoderArgs};
 use crate::data::DataSet;
 use crate::device::DeviceSpec;
-use crate::encode::{cache_dir, count_by_code, encode_set_cached, for_each_batch, EncodeOptions, EncodedBatch};
+use crate::encode::{
+    cache_dir, count_by_code, encode_set_cached, for_each_batch, EncodeOptions, EncodedBatch,
+};
 use crate::eval::calibration::Calibration;
 use crate::fit::{by_kind, check_output_path, fit, FitOptions};
 use crate::model::bundle::Bundle;
@@ -141,7 +143,10 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
         m.offsets.layers(),
         if report.features_cached { ", from cache" } else { "" }
     );
-    println!("items: {} train, {} held out, {} skipped {:?}", t.train_items, t.holdout_items, t.skipped_items, report.skipped);
+    println!(
+        "items: {} train, {} held out, {} skipped {:?}",
+        t.train_items, t.holdout_items, t.skipped_items, report.skipped
+    );
     println!(
         "lfdn: W {} N {}, {} epochs, {} steps, final loss {:.5}",
         m.lfdn.width,
@@ -169,7 +174,11 @@ fn print_calibration(c: &Calibration) {
             kind.name(),
             s.threshold,
             s.achieved_fpr * 100.0,
-            if s.achievable { String::new() } else { format!("  NOT ACHIEVABLE: {}", s.note.clone().unwrap_or_default()) }
+            if s.achievable {
+                String::new()
+            } else {
+                format!("  NOT ACHIEVABLE: {}", s.note.clone().unwrap_or_default())
+            }
         );
     }
 }
@@ -200,7 +209,8 @@ impl BundleArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        let bundle = Bundle::load(&self.model, device).with_context(|| format!("loading {}", self.model.display()))?;
+        let bundle =
+            Bundle::load(&self.model, device).with_context(|| format!("loading {}", self.model.display()))?;
         let extractor = bundle.load_encoder(self.encoder.as_deref(), self.precision)?;
         Ok((bundle, extractor))
     }
@@ -240,14 +250,22 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
             Ok(s) => s.with_limit(args.data_opts.limit),
             Err(e) => {
                 failed += 1;
-                writeln!(out, "{}", serde_json::json!({"id": spec, "error": e.to_string(), "code": "unreadable"}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"id": spec, "error": e.to_string(), "code": "unreadable"})
+                )?;
                 continue;
             }
         };
         for_each_batch(&extractor, &set, &opts, "score", |b: EncodedBatch| -> anyhow::Result<()> {
             for e in &b.errors {
                 failed += 1;
-                writeln!(out, "{}", serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()})
+                )?;
             }
             if let Some(f) = b.features {
                 let scores = scorer.score(&f.values, &b.seeds)?;
@@ -290,7 +308,9 @@ pub struct EvalArgs {
 
 fn parse_named_spec(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((name, spec)) if !name.is_empty() && !spec.is_empty() => Ok((name.to_string(), spec.to_string())),
+        Some((name, spec)) if !name.is_empty() && !spec.is_empty() => {
+            Ok((name.to_string(), spec.to_string()))
+        }
         _ => Err(format!("{s:?} is not NAME=SPEC")),
     }
 }
@@ -348,7 +368,12 @@ pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
     let scores = score_all(&bundle.scorer(&settings), &encoded.values, &encoded.seeds, 256)?;
     let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
     let calibration = Calibration::build(&by_kind(&scores), target, &args.data)?;
-    println!("{} items scored, {} skipped {:?}", encoded.ids.len(), encoded.skipped.len(), count_by_code(&encoded.skipped));
+    println!(
+        "{} items scored, {} skipped {:?}",
+        encoded.ids.len(),
+        encoded.skipped.len(),
+        count_by_code(&encoded.skipped)
+    );
     print_calibration(&calibration);
     bundle.save_with_calibration(calibration)?;
     println!("updated {}", bundle.path.display());

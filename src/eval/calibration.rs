@@ -103,7 +103,11 @@ impl ScoreCalibration {
 }
 
 impl Calibration {
-    pub fn build(per_score: &BTreeMap<ScoreKind, Vec<f64>>, target_fpr: f64, source: &str) -> Result<Self, CalibrationError> {
+    pub fn build(
+        per_score: &BTreeMap<ScoreKind, Vec<f64>>,
+        target_fpr: f64,
+        source: &str,
+    ) -> Result<Self, CalibrationError> {
         let items = per_score.values().map(Vec::len).max().unwrap_or(0);
         let scores = per_score
             .iter()

@@ -14,7 +14,8 @@ pub fn auroc(id: &[f64], ood: &[f64]) -> Option<f64> {
     if id.is_empty() || ood.is_empty() {
         return None;
     }
-    let mut all: Vec<(f64, bool)> = id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
+    let mut all: Vec<(f64, bool)> =
+        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut rank_sum_pos = 0.0;
     let mut i = 0;
@@ -58,7 +59,8 @@ pub fn aupr(id: &[f64], ood: &[f64]) -> Option<f64> {
     if id.is_empty() || ood.is_empty() {
         return None;
     }
-    let mut all: Vec<(f64, bool)> = id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
+    let mut all: Vec<(f64, bool)> =
+        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let total_pos = ood.len() as f64;
     let (mut tp, mut fp, mut ap, mut prev_recall) = (0.0, 0.0, 0.0, 0.0);
@@ -85,7 +87,8 @@ pub fn aupr(id: &[f64], ood: &[f64]) -> Option<f64> {
 
 /// ROC curve points (fpr, tpr), from (0, 0) to (1, 1), one per distinct threshold.
 pub fn roc_curve(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
-    let mut all: Vec<(f64, bool)> = id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
+    let mut all: Vec<(f64, bool)> =
+        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (np, nn) = (ood.len().max(1) as f64, id.len().max(1) as f64);
     let mut points = vec![(0.0, 0.0)];

@@ -38,7 +38,8 @@ pub fn score_histogram(
     threshold: Option<f64>,
 ) -> Result<(), PlotError> {
     let e = err(path);
-    let mut all: Vec<f64> = id.iter().chain(oods.iter().flat_map(|o| o.1.iter())).copied().filter(|x| x.is_finite()).collect();
+    let mut all: Vec<f64> =
+        id.iter().chain(oods.iter().flat_map(|o| o.1.iter())).copied().filter(|x| x.is_finite()).collect();
     if all.is_empty() {
         return Err(e("no scores".into()));
     }
@@ -84,7 +85,9 @@ pub fn score_histogram(
             .flat_map(|(b, &y)| [(lo + b as f64 * width, y), (lo + (b + 1) as f64 * width, y)])
             .collect();
         chart
-            .draw_series(AreaSeries::new(pts.clone(), 0.0, color.mix(0.25)).border_style(color.stroke_width(2)))
+            .draw_series(
+                AreaSeries::new(pts.clone(), 0.0, color.mix(0.25)).border_style(color.stroke_width(2)),
+            )
             .map_err(|x| e(x.to_string()))?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));

@@ -66,7 +66,9 @@ pub enum BundleError {
     File(#[from] TensorFileError),
     #[error("{path}: not a dlsr bundle ({reason})")]
     NotABundle { path: PathBuf, reason: String },
-    #[error("{path}: bundle format version {found} is not supported (this dlsr reads version {BUNDLE_VERSION})")]
+    #[error(
+        "{path}: bundle format version {found} is not supported (this dlsr reads version {BUNDLE_VERSION})"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: bundle is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
@@ -90,20 +92,28 @@ pub struct Bundle {
 }
 
 fn prefixed(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)).collect();
+    let mut v: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
 /// Writes a bundle atomically.
-pub fn save(path: &Path, meta: &BundleMeta, ema: &nn::VarStore, first_epoch: Option<&nn::VarStore>) -> Result<(), BundleError> {
+pub fn save(
+    path: &Path,
+    meta: &BundleMeta,
+    ema: &nn::VarStore,
+    first_epoch: Option<&nn::VarStore>,
+) -> Result<(), BundleError> {
     let mut named = prefixed(ema, "ema");
     if let Some(first) = first_epoch {
         named.extend(prefixed(first, "first"));
     }
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let json = serde_json::to_string(meta)
-        .map_err(|e| BundleError::Damaged { path: path.into(), reason: format!("cannot serialise metadata: {e}") })?;
+    let json = serde_json::to_string(meta).map_err(|e| BundleError::Damaged {
+        path: path.into(),
+        reason: format!("cannot serialise metadata: {e}"),
+    })?;
     let metadata = BTreeMap::from([(META_KEY.to_string(), json)]);
     tensor_file::write(path, &refs, &metadata)?;
     Ok(())
@@ -114,7 +124,8 @@ pub fn read_meta(path: &Path) -> Result<BundleMeta, BundleError> {
     let metadata = tensor_file::read_metadata(path)?;
     let not = |reason: &str| BundleError::NotABundle { path: path.into(), reason: reason.into() };
     let json = metadata.get(META_KEY).ok_or_else(|| not("no dlsr_bundle metadata"))?;
-    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| not(&format!("metadata is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| not(&format!("metadata is not JSON: {e}")))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(BUNDLE_FORMAT) {
         return Err(not("format is not dlsr-bundle"));
     }
@@ -122,7 +133,8 @@ pub fn read_meta(path: &Path) -> Result<BundleMeta, BundleError> {
     if found != BUNDLE_VERSION {
         return Err(BundleError::Version { path: path.into(), found });
     }
-    serde_json::from_value(value).map_err(|e| BundleError::Damaged { path: path.into(), reason: format!("metadata: {e}") })
+    serde_json::from_value(value)
+        .map_err(|e| BundleError::Damaged { path: path.into(), reason: format!("metadata: {e}") })
 }
 
 fn load_into(
@@ -138,7 +150,11 @@ fn load_into(
         let key = format!("{prefix}.{name}");
         let src = stored.get(&key).ok_or_else(|| damaged(format!("missing tensor {key}")))?;
         if src.size() != var.size() {
-            return Err(damaged(format!("{key} has shape {:?}, the configuration needs {:?}", src.size(), var.size())));
+            return Err(damaged(format!(
+                "{key} has shape {:?}, the configuration needs {:?}",
+                src.size(),
+                var.size()
+            )));
         }
         tch::no_grad(|| var.f_copy_(src)).map_err(|e| damaged(format!("{key}: {e}")))?;
     }
@@ -151,12 +167,19 @@ impl Bundle {
         let meta = read_meta(path)?;
         let damaged = |reason: String| BundleError::Damaged { path: path.into(), reason };
         if meta.offsets.dim() != meta.lfdn.dim {
-            return Err(damaged(format!("layer offsets end at {}, LFDN dimension is {}", meta.offsets.dim(), meta.lfdn.dim)));
+            return Err(damaged(format!(
+                "layer offsets end at {}, LFDN dimension is {}",
+                meta.offsets.dim(),
+                meta.lfdn.dim
+            )));
         }
         let stored = tensor_file::read_tensors(path)?;
         let ema = load_into(path, &stored, "ema", meta.lfdn, device)?;
-        let first_epoch =
-            if meta.has_first_epoch { Some(load_into(path, &stored, "first", meta.lfdn, device)?) } else { None };
+        let first_epoch = if meta.has_first_epoch {
+            Some(load_into(path, &stored, "first", meta.lfdn, device)?)
+        } else {
+            None
+        };
         let sha256 = super::sha256_file(path)?;
         Ok(Self { meta, path: path.into(), sha256, device, ema, first_epoch })
     }
@@ -179,7 +202,11 @@ impl Bundle {
 
     /// Loads the encoder the bundle was made with (or `encoder_override`, which must have
     /// the same weights checksum) with the bundle's preprocessing.
-    pub fn load_encoder(&self, encoder_override: Option<&str>, precision: Precision) -> Result<FeatureExtractor, BundleError> {
+    pub fn load_encoder(
+        &self,
+        encoder_override: Option<&str>,
+        precision: Precision,
+    ) -> Result<FeatureExtractor, BundleError> {
         let spec = match encoder_override {
             Some(s) => s.parse::<EncoderSpec>()?,
             None => self.meta.encoder_source.clone(),

@@ -67,7 +67,12 @@ impl Norm {
 }
 
 fn zero_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
-    nn::linear(p, i, o, nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true })
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true },
+    )
 }
 
 fn linear(x: &Tensor, l: &nn::Linear) -> Result<Tensor, tch::TchError> {

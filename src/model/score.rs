@@ -257,8 +257,9 @@ impl Scorer<'_> {
             };
             Ok((0..batch)
                 .map(|i| {
-                    let per_layer: Vec<LayerScore> =
-                        (0..layers).map(|l| LayerScore { mse: lm[i * layers + l], cos: lc[i * layers + l] }).collect();
+                    let per_layer: Vec<LayerScore> = (0..layers)
+                        .map(|l| LayerScore { mse: lm[i * layers + l], cos: lc[i * layers + l] })
+                        .collect();
                     let mfsim = -chosen.iter().map(|&l| per_layer[l].cos).sum::<f64>() / chosen.len() as f64;
                     ItemScores { mse: mse[i], mfsim, lr: lr.as_ref().map(|v| v[i]), layers: per_layer }
                 })
@@ -269,6 +270,25 @@ impl Scorer<'_> {
 
 fn to_vec(t: &Tensor) -> Result<Vec<f64>, tch::TchError> {
     Vec::<f64>::try_from(t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)
+}
+
+/// Scores `[N, D]` features in batches of `batch` (CPU in, any device inside).
+pub fn score_all(
+    scorer: &Scorer,
+    values: &Tensor,
+    seeds: &[u64],
+    batch: usize,
+) -> Result<Vec<ItemScores>, ScoreError> {
+    let n = values.size()[0] as usize;
+    if seeds.len() != n {
+        return Err(ScoreError::SeedCount(seeds.len(), n));
+    }
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(batch.max(1)) {
+        let len = batch.max(1).min(n - start);
+        out.extend(scorer.score(&values.f_narrow(0, start as i64, len as i64)?, &seeds[start..start + len])?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -291,18 +311,4 @@ mod tests {
         assert_eq!(content_seed(b"abc"), content_seed(b"abc"));
         assert_ne!(content_seed(b"abc"), content_seed(b"abd"));
     }
-}
-
-/// Scores `[N, D]` features in batches of `batch` (CPU in, any device inside).
-pub fn score_all(scorer: &Scorer, values: &Tensor, seeds: &[u64], batch: usize) -> Result<Vec<ItemScores>, ScoreError> {
-    let n = values.size()[0] as usize;
-    if seeds.len() != n {
-        return Err(ScoreError::SeedCount(seeds.len(), n));
-    }
-    let mut out = Vec::with_capacity(n);
-    for start in (0..n).step_by(batch.max(1)) {
-        let len = batch.max(1).min(n - start);
-        out.extend(scorer.score(&values.f_narrow(0, start as i64, len as i64)?, &seeds[start..start + len])?);
-    }
-    Ok(out)
 }

@@ -29,7 +29,15 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 100, batch_size: 128, lr: 1e-3, weight_decay: 1e-4, ema_decay: 0.9999, seed: 0, keep_first_epoch: true }
+        Self {
+            epochs: 100,
+            batch_size: 128,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            ema_decay: 0.9999,
+            seed: 0,
+            keep_first_epoch: true,
+        }
     }
 }
 
@@ -104,7 +112,8 @@ pub fn train(
     ema_vs.copy(&vs)?;
     ema_vs.freeze();
     let ema_pairs = named_pairs(&ema_vs, &vs);
-    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: tc.weight_decay, eps: 1e-8, amsgrad: false }.build(&vs, tc.lr)?;
+    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: tc.weight_decay, eps: 1e-8, amsgrad: false }
+        .build(&vs, tc.lr)?;
 
     let data = features.f_to_device(device)?.f_to_kind(Kind::Float)?;
     let ab = Tensor::f_from_slice(&schedule.alpha_bar)?.f_to_kind(Kind::Float)?.f_to_device(device)?;
@@ -130,7 +139,8 @@ pub fn train(
             let t = Tensor::f_randint(steps_t, [len], (Kind::Int64, device))?;
             let eps = z0.f_randn_like()?;
             let ab_t = ab.f_index_select(0, &t)?.f_unsqueeze(1)?;
-            let zt = z0.f_mul(&ab_t.f_sqrt()?)?.f_add(&eps.f_mul(&ab_t.f_neg()?.f_add_scalar(1.0)?.f_sqrt()?)?)?;
+            let zt =
+                z0.f_mul(&ab_t.f_sqrt()?)?.f_add(&eps.f_mul(&ab_t.f_neg()?.f_add_scalar(1.0)?.f_sqrt()?)?)?;
             let pred = net.forward(&zt, &t)?;
             let loss = pred.f_mse_loss(&z0, tch::Reduction::Mean)?;
             opt.zero_grad();

@@ -103,9 +103,9 @@ fn a_set_with_no_usable_item_fails() {
 
 #[test]
 fn unbuilt_commands_name_their_issue() {
-    let (ok, _, stderr) = run(&["fit", "--data", "x"]);
+    let (ok, _, stderr) = run(&["serve", "--config", "x"]);
     assert!(!ok);
-    assert!(stderr.contains("issue #3"), "{stderr}");
+    assert!(stderr.contains("issue #4"), "{stderr}");
     let (_, help, _) = run(&["--help"]);
     for cmd in ["fit", "calibrate", "score", "eval", "audit", "serve", "publish", "doctor"] {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");

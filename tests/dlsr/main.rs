@@ -6,3 +6,4 @@ mod cli;
 mod common;
 mod encoders;
 mod inputs;
+mod model;

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Reproduces the benchmark tables of the README: fit on Fashion-MNIST, evaluate
+# Fashion-MNIST test (ID) against MNIST-5k (OOD), end to end (encoding included).
+#   scripts/benchmark.sh full    60k train, 10k test vs 5k MNIST (the standard table)
+#   scripts/benchmark.sh sizes   6k train, 2k test vs 2k MNIST at 32, 64 and 224 px
+#   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
+#   scripts/benchmark.sh score   `dlsr score` throughput, batch 64, with/without encoder
+# Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
+# Results land in runs/bench-<mode>/; each run prints a summary table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-full}"; shift || true
+bash scripts/setup-libtorch.sh >/dev/null
+bash scripts/fetch-assets.sh >/dev/null
+cargo build --release --locked -q
+BIN=target/release/dlsr
+A="${DLSR_ASSETS:-.deps/assets}"
+TRAIN="$A/fashion-mnist/train-images-idx3-ubyte.gz"
+TEST="$A/fashion-mnist/t10k-images-idx3-ubyte.gz"
+MNIST="$A/mnist/mnist_5k.csv.gz"
+OUT="runs/bench-$MODE"; mkdir -p "$OUT"
+# A private cache so that encoding time is measured, not skipped.
+export DLSR_CACHE="$OUT/cache"; rm -rf "$DLSR_CACHE"
+
+run() { # name size train_limit eval_limit epochs [fit args...]
+  local name="$1" size="$2" tl="$3" el="$4" epochs="$5"; shift 5
+  local tlim=() elim=()
+  [ "$tl" != all ] && tlim=(--limit "$tl")
+  [ "$el" != all ] && elim=(--limit "$el")
+  local t0=$SECONDS
+  "$BIN" -q fit --data "$TRAIN" "${tlim[@]}" --input-size "$size" --epochs "$epochs" \
+    --out "$OUT/$name.safetensors" "$@" | tee "$OUT/$name.fit.txt"
+  local t1=$SECONDS
+  "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$TEST" --ood "mnist=$MNIST" "${elim[@]}" \
+    --out "$OUT/$name" | tee "$OUT/$name.eval.txt"
+  local t2=$SECONDS
+  python3 - "$OUT/$name/metrics.json" "$name" "$size" "$((t1 - t0))" "$((t2 - t1))" >> "$OUT/summary.md" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1])); s = m["sets"][0]
+f = lambda d, k: f"{d[k]:.4f}" if k in d else "-"
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {m['id']['n']} / {s['n']} | "
+      + " | ".join(f(s['auroc'], k) for k in ('mse', 'mfsim', 'lr')) + " | "
+      + " | ".join(f(s['fpr95'], k) for k in ('mse', 'mfsim', 'lr'))
+      + f" | {sys.argv[4]} | {sys.argv[5]} |")
+PY
+}
+
+echo "| run | input px | ID / OOD n | AUROC mse | AUROC mfsim | AUROC lr | FPR95 mse | FPR95 mfsim | FPR95 lr | fit s | eval s |" > "$OUT/summary.md"
+echo "|---|---|---|---|---|---|---|---|---|---|---|" >> "$OUT/summary.md"
+case "$MODE" in
+  full)  run full 64 all all "${EPOCHS:-40}" "$@" ;;
+  ci)    run ci 64 3000 1000 30 "$@" ;;
+  sizes) for s in 32 64 224; do run "px$s" "$s" 6000 2000 60 "$@"; done ;;
+  score)
+    "$BIN" -q fit --data "$TRAIN" --limit 3000 --input-size 64 --epochs 5 --out "$OUT/m.safetensors" >/dev/null
+    python3 - "$BIN" "$OUT/m.safetensors" "$TEST" <<'PY'
+import subprocess, sys, time
+bin_, model, test = sys.argv[1:]
+t = time.time()
+out = subprocess.run([bin_, "-q", "score", "--model", model, test, "--limit", "4096", "--batch-size", "64"],
+                     check=True, capture_output=True, text=True).stdout
+n = out.count("\n"); dt = time.time() - t
+print(f"| dlsr score end to end (decode + encoder + LFDN), batch 64 | {n / dt:.0f} images/s |")
+PY
+    "$BIN" features --data "$TEST" --limit 4096 --input-size 64 --batch-size 64 -q | grep time ;;
+  *) echo "unknown mode $MODE" >&2; exit 2 ;;
+esac
+echo; echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+cat "$OUT/summary.md"

@@ -1,0 +1,343 @@
+//! The DLSR model end to end on real data: a CI-sized fit + eval on Fashion-MNIST vs
+//! MNIST that a broken model would fail, batch-independent scores, the score command's
+//! JSON lines, calibration, determinism, and damaged or mismatched bundles.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::common::{asset, dlsr_bin};
+
+fn run(args: &[&str], cache: &Path) -> (bool, String, String) {
+    let out = Command::new(dlsr_bin()).args(args).env("DLSR_CACHE", cache).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fmnist(file: &str) -> String {
+    asset(dlsr::assets::fashion_mnist(file)).to_string_lossy().into_owned()
+}
+
+fn mnist() -> String {
+    asset(dlsr::assets::mnist_5k()).to_string_lossy().into_owned()
+}
+
+/// One small bundle shared by the tests of this module (fitting costs tens of seconds).
+struct Fitted {
+    dir: tempfile::TempDir,
+    bundle: PathBuf,
+    fit_stdout: String,
+}
+
+fn fitted() -> &'static Fitted {
+    static FITTED: OnceLock<Fitted> = OnceLock::new();
+    FITTED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("fmnist.safetensors");
+        let (ok, stdout, stderr) = run(
+            &[
+                "-q",
+                "fit",
+                "--data",
+                &fmnist("train-images-idx3-ubyte.gz"),
+                "--limit",
+                "3000",
+                "--input-size",
+                "64",
+                "--epochs",
+                "30",
+                "--out",
+                bundle.to_str().unwrap(),
+            ],
+            &dir.path().join("cache"),
+        );
+        assert!(ok, "fit failed: {stderr}");
+        Fitted { dir, bundle, fit_stdout: stdout }
+    })
+}
+
+#[test]
+fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
+    let f = fitted();
+    assert!(f.fit_stdout.contains("items: 2700 train, 300 held out"), "{}", f.fit_stdout);
+    let out = f.dir.path().join("eval");
+    let (ok, stdout, stderr) = run(
+        &[
+            "-q",
+            "eval",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            "--id",
+            &fmnist("t10k-images-idx3-ubyte.gz"),
+            "--ood",
+            &format!("mnist={}", mnist()),
+            "--limit",
+            "1000",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &f.dir.path().join("cache"),
+    );
+    assert!(ok, "eval failed: {stderr}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["id"]["n"], 1000);
+    let set = &metrics["sets"][0];
+    assert_eq!(set["name"], "mnist");
+    for kind in ["mse", "mfsim"] {
+        let auroc = set["auroc"][kind].as_f64().unwrap();
+        // A broken model (untrained, wrong features, wrong scores) lands near 0.5.
+        assert!(auroc >= 0.95, "AUROC {kind} = {auroc}\n{stdout}");
+        assert!(set["fpr95"][kind].as_f64().unwrap() < 0.2);
+    }
+    assert!(set["auroc"]["lr"].as_f64().is_some(), "LR must be reported");
+    for file in ["report.md", "hist_mfsim.svg", "roc_mfsim.svg", "hist_mse.svg"] {
+        let text = std::fs::read_to_string(out.join(file)).unwrap();
+        assert!(text.len() > 200, "{file} is nearly empty");
+    }
+    assert!(stdout.contains("| mnist | 1000 |"), "{stdout}");
+}
+
+#[test]
+fn score_prints_json_lines_and_error_lines() {
+    let f = fitted();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = crate::common::imagenet_photos();
+    std::fs::copy(&photos[0].0, dir.path().join("photo.jpg")).unwrap();
+    std::fs::write(dir.path().join("broken.png"), b"").unwrap();
+    let (ok, stdout, stderr) = run(
+        &[
+            "-q",
+            "score",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+            &mnist(),
+            "--limit",
+            "2",
+        ],
+        &f.dir.path().join("cache"),
+    );
+    assert!(ok, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let broken = lines.iter().find(|l| l["id"] == "broken.png").expect("an error line for broken.png");
+    assert_eq!(broken["code"], "empty");
+    assert!(broken["error"].as_str().unwrap().contains("empty"));
+    let digit = lines.iter().find(|l| l["id"] == "mnist_5k.csv.gz#0").expect("a verdict for the first digit");
+    for key in ["score", "threshold", "id_percentile"] {
+        assert!(digit[key].is_number(), "{key} in {digit}");
+    }
+    assert_eq!(digit["score_kind"], "mfsim");
+    assert!(digit["is_ood"].is_boolean());
+    assert!(digit["scores"]["mse"].is_number() && digit["scores"]["lr"].is_number());
+    assert_eq!(digit["layers"].as_array().unwrap().len(), 5);
+    assert!(digit["layers"][0]["cos"].is_number());
+    // A real photo is far from Fashion-MNIST: flagged, at the top of the ID percentiles.
+    let photo = lines.iter().find(|l| l["id"] == "photo.jpg").unwrap();
+    assert_eq!(photo["is_ood"], true, "{photo}");
+    assert!(photo["id_percentile"].as_f64().unwrap() > 99.0);
+}
+
+#[test]
+fn an_image_scores_the_same_alone_and_inside_a_batch() {
+    let f = fitted();
+    let cache = f.dir.path().join("cache");
+    let digits = mnist();
+    let (ok, batched, stderr) = run(
+        &[
+            "-q",
+            "score",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            &digits,
+            "--limit",
+            "40",
+            "--batch-size",
+            "40",
+        ],
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    let (ok, single, stderr) = run(
+        &[
+            "-q",
+            "score",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            &digits,
+            "--limit",
+            "40",
+            "--batch-size",
+            "1",
+        ],
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    let parse = |s: &str| -> Vec<(String, f64, f64)> {
+        s.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["scores"]["mse"].as_f64().unwrap(),
+                    v["score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (parse(&batched), parse(&single));
+    assert_eq!(a.len(), 40);
+    let mut max_rel = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        max_rel = max_rel.max(((x.1 - y.1) / x.1).abs()).max(((x.2 - y.2) / x.2).abs());
+    }
+    // The noise is seeded per item, so only float reassociation inside batched kernels
+    // can differ (seen: 0 to ~1e-7 relative); a batch-dependent seed would differ by ~1.
+    assert!(max_rel < 1e-5, "batch changed a score by {max_rel} (relative)");
+}
+
+#[test]
+fn calibrate_rewrites_thresholds_and_reports_unreachable_targets() {
+    let f = fitted();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("b.safetensors");
+    std::fs::copy(&f.bundle, &copy).unwrap();
+    let cache = f.dir.path().join("cache");
+    let test = fmnist("t10k-images-idx3-ubyte.gz");
+    let (ok, stdout, stderr) = run(
+        &[
+            "-q",
+            "calibrate",
+            "--model",
+            copy.to_str().unwrap(),
+            "--data",
+            &test,
+            "--limit",
+            "400",
+            "--target-fpr",
+            "0.1",
+        ],
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("calibration at target FPR 10.00% on 400 held-out items"), "{stdout}");
+    let meta = dlsr::model::bundle::read_meta(&copy).unwrap();
+    assert_eq!(meta.calibration.target_fpr, 0.1);
+    let mfsim = &meta.calibration.scores[&dlsr::model::score::ScoreKind::Mfsim];
+    assert!((mfsim.achieved_fpr - 0.1).abs() < 0.01, "{}", mfsim.achieved_fpr);
+
+    let (ok, stdout, _) = run(
+        &[
+            "-q",
+            "calibrate",
+            "--model",
+            copy.to_str().unwrap(),
+            "--data",
+            &test,
+            "--limit",
+            "10",
+            "--target-fpr",
+            "0.05",
+        ],
+        &cache,
+    );
+    assert!(ok);
+    assert!(stdout.contains("NOT ACHIEVABLE") && stdout.contains("needs at least 20"), "{stdout}");
+}
+
+#[test]
+fn damaged_and_foreign_bundles_are_clear_errors() {
+    let f = fitted();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let digits = mnist();
+    let truncated = dir.path().join("truncated.safetensors");
+    let bytes = std::fs::read(&f.bundle).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, stderr) =
+        run(&["score", "--model", truncated.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    assert!(!ok);
+    assert!(stderr.contains("truncated.safetensors"), "{stderr}");
+
+    let features = dir.path().join("features.safetensors");
+    let (ok, _, stderr) = run(
+        &[
+            "-q",
+            "features",
+            "--data",
+            &digits,
+            "--limit",
+            "2",
+            "--input-size",
+            "32",
+            "--out",
+            features.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) =
+        run(&["score", "--model", features.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    assert!(!ok);
+    assert!(stderr.contains("not a dlsr bundle"), "{stderr}");
+
+    // A bundle fitted with Lite0 must not silently score with Lite2 features.
+    let (ok, _, stderr) = run(
+        &["score", "--model", f.bundle.to_str().unwrap(), "--encoder", "lite2", &digits, "--limit", "1"],
+        &cache,
+    );
+    assert!(!ok);
+    assert!(stderr.contains("the bundle was made with encoder efficientnet-lite0"), "{stderr}");
+}
+
+#[test]
+fn same_seed_and_data_give_the_same_bundle_and_the_cache_skips_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = fmnist("t10k-images-idx3-ubyte.gz");
+    let fit = |name: &str, seed: &str| -> (PathBuf, String) {
+        let out = dir.path().join(name);
+        let (ok, stdout, stderr) = run(
+            &[
+                "-q",
+                "fit",
+                "--data",
+                &data,
+                "--limit",
+                "300",
+                "--input-size",
+                "32",
+                "--epochs",
+                "2",
+                "--width",
+                "64",
+                "--depth",
+                "1",
+                "--seed",
+                seed,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &cache,
+        );
+        assert!(ok, "{stderr}");
+        (out, stdout)
+    };
+    let (a, first_run) = fit("a.safetensors", "5");
+    let (b, second_run) = fit("b.safetensors", "5");
+    let (c, _) = fit("c.safetensors", "6");
+    assert!(!first_run.contains("from cache"), "{first_run}");
+    assert!(second_run.contains("from cache"), "the second fit must reuse the features: {second_run}");
+    let load = |p: &Path| dlsr::tensor_file::read_tensors(p).unwrap();
+    let (ta, tb, tc) = (load(&a), load(&b), load(&c));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    for (name, t) in &ta {
+        assert!(t.equal(&tb[name]), "{name} differs between two fits with the same seed");
+    }
+    assert!(ta.iter().any(|(n, t)| !t.equal(&tc[n])), "another seed must give other weights");
+}
