@@ -17,6 +17,7 @@
 
 pub mod assets;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod encode;
@@ -26,5 +27,7 @@ pub mod fit;
 pub mod model;
 pub mod progress;
 pub mod shutdown;
+pub mod stream;
+pub mod telemetry;
 pub mod tensor_file;
 pub mod verdict;

@@ -10,12 +10,15 @@ fn main() -> ExitCode {
     // Before any tch call: a CUDA libtorch must be loaded before tensors exist.
     dlsr::device::init_backends();
     let cli = dlsr::cli::Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
+    // `serve` logs as its configuration says; everything else as the flags say.
+    if !matches!(cli.command, dlsr::cli::Command::Serve(_)) {
+        let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn"));
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        if cli.log_json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
     }
     match dlsr::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

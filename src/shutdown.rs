@@ -24,3 +24,28 @@ pub fn interrupt_flag() -> &'static AtomicBool {
     }
     &INTERRUPTED
 }
+
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::SeqCst);
+}
+
+/// For the daemon: SIGINT/SIGTERM set `shutdown`, SIGHUP sets `reload`. A small thread
+/// copies the signal flags into the daemon's control flags.
+pub fn forward_signals(shutdown: std::sync::Arc<AtomicBool>, reload: std::sync::Arc<AtomicBool>) {
+    let interrupted = interrupt_flag();
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(move || loop {
+        if interrupted.load(Ordering::SeqCst) {
+            shutdown.store(true, Ordering::SeqCst);
+        }
+        if HANGUP.swap(false, Ordering::SeqCst) {
+            reload.store(true, Ordering::SeqCst);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+}

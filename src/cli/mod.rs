@@ -5,6 +5,7 @@
 mod doctor;
 mod features;
 mod model_cmds;
+mod stream_cmds;
 
 use std::path::PathBuf;
 
@@ -45,11 +46,11 @@ pub enum Command {
     /// A folder or data set in, a report out: the most out-of-distribution items first.
     Audit(Unbuilt),
     /// The streaming daemon: Kafka in, verdicts and dead letters out, Prometheus metrics.
-    Serve(Unbuilt),
+    Serve(stream_cmds::ServeArgs),
     /// Push images from files or data sets into a Kafka topic.
-    Publish(Unbuilt),
+    Publish(Box<stream_cmds::PublishArgs>),
     /// Self-contained demonstration: in-process broker, model, daemon, metrics.
-    Demo(Unbuilt),
+    Demo(Box<stream_cmds::DemoArgs>),
     /// Encode images into DLSR multi-layer feature vectors (optionally to a file).
     Features(Box<features::FeaturesArgs>),
     /// Report libtorch, devices, threads and installed assets.
@@ -64,6 +65,9 @@ pub struct Unbuilt {
     rest: Vec<String>,
 }
 
+/// Encoder input size unless `--input-size` says otherwise (chosen by measurement).
+pub const DEFAULT_INPUT_SIZE: i64 = 64;
+
 /// Options shared by every command that runs an encoder.
 #[derive(Debug, Args, Clone)]
 pub struct EncoderArgs {
@@ -73,9 +77,11 @@ pub struct EncoderArgs {
     /// Weights for a native encoder (default: the installed ImageNet checkpoint).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Side of the square encoder input in pixels (default: the encoder's native size).
-    #[arg(long)]
-    pub input_size: Option<i64>,
+    /// Side of the square encoder input in pixels. 64 by default: on Fashion-MNIST vs
+    /// MNIST it scored AUROC 0.996 against 0.970 at 224 px, at 1/18 of the CPU time (see
+    /// the README's benchmark); photos of ImageNet-like content may want 224.
+    #[arg(long, default_value_t = DEFAULT_INPUT_SIZE)]
+    pub input_size: i64,
     /// stretch (DLSR: resize to the square) or center-crop (ImageNet evaluation style).
     #[arg(long, default_value = "stretch", value_parser = parse_resize)]
     pub resize: ResizeMode,
@@ -112,10 +118,8 @@ impl EncoderArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        if let Some(size) = self.input_size {
-            if !(16..=2048).contains(&size) {
-                bail!("--input-size {size} is outside 16..2048");
-            }
+        if !(16..=2048).contains(&self.input_size) {
+            bail!("--input-size {} is outside 16..2048", self.input_size);
         }
         let device = self.device.resolve()?;
         let spec: EncoderSpec = self.encoder.parse()?;
@@ -123,7 +127,7 @@ impl EncoderArgs {
             .with_context(|| format!("loading encoder {}", self.encoder))?;
         let native = encoder.identity().native_preprocess;
         let preprocess = Preprocess {
-            size: self.input_size.unwrap_or(native.size),
+            size: self.input_size,
             resize: self.resize,
             normalisation: self.norm.unwrap_or(native.normalisation),
         };
@@ -159,9 +163,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(args) => model_cmds::run_score(&args, cli.quiet),
         Command::Eval(args) => model_cmds::run_eval(&args, cli.quiet),
         Command::Calibrate(args) => model_cmds::run_calibrate(&args, cli.quiet),
-        Command::Serve(_) | Command::Publish(_) | Command::Demo(_) => {
-            bail!("not built yet: the streaming daemon and its tools arrive with issue #4")
-        }
+        Command::Serve(args) => stream_cmds::run_serve(&args),
+        Command::Publish(args) => stream_cmds::run_publish(&args),
+        Command::Demo(args) => stream_cmds::run_demo(&args, cli.quiet),
         Command::Audit(_) => bail!("not built yet: `audit` (ranked report with thumbnails) has no issue yet"),
     }
 }

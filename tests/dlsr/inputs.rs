@@ -76,27 +76,7 @@ fn text_named_jpg_is_unsupported_format() {
     assert_eq!(err.code(), "unsupported_format");
 }
 
-/// A valid PNG whose header claims `width` x `height` RGB pixels, with one tiny IDAT.
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(data);
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        out.extend_from_slice(&crc.sum().to_be_bytes());
-    }
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(&mut png, b"IHDR", &ihdr);
-    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-    chunk(&mut png, b"IEND", &[]);
-    png
-}
+use dlsr::stream::demo::png_claiming;
 
 #[test]
 fn decompression_bomb_is_refused_before_allocation() {

@@ -1,0 +1,62 @@
+//! librdkafka client configuration from [`KafkaConfig`]: the settings at-least-once
+//! needs (manual commits, cooperative-sticky assignment, idempotent producer), security
+//! with secrets read at start, and the pass-through properties.
+
+use rdkafka::ClientConfig;
+
+use crate::config::{Config, ConfigError, KafkaConfig};
+
+fn common(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    let s = &k.security;
+    if !s.protocol.is_empty() {
+        c.set("security.protocol", s.protocol.to_ascii_lowercase());
+    }
+    if s.protocol.to_ascii_lowercase().starts_with("sasl") {
+        c.set("sasl.mechanism", &s.sasl_mechanism).set("sasl.username", &s.sasl_username);
+        if let Some(pw) =
+            Config::secret("kafka.security.sasl_password_env", &s.sasl_password_env, &s.sasl_password_file)?
+        {
+            c.set("sasl.password", pw);
+        }
+    }
+    for (key, value) in [
+        ("ssl.ca.location", &s.ssl_ca_location),
+        ("ssl.certificate.location", &s.ssl_certificate_location),
+        ("ssl.key.location", &s.ssl_key_location),
+    ] {
+        if !value.is_empty() {
+            c.set(key, value);
+        }
+    }
+    if let Some(pw) = Config::secret("kafka.security.ssl_key_password_env", &s.ssl_key_password_env, "")? {
+        c.set("ssl.key.password", pw);
+    }
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    Ok(c)
+}
+
+pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = common(k)?;
+    c.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("enable.partition.eof", "false");
+    Ok(c)
+}
+
+pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = common(k)?;
+    c.set("enable.idempotence", "true")
+        .set("message.timeout.ms", k.delivery_timeout_ms.to_string())
+        .set("linger.ms", "5")
+        .set("retry.backoff.ms", "100")
+        .set("retry.backoff.max.ms", "5000");
+    Ok(c)
+}

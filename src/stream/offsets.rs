@@ -1,0 +1,157 @@
+//! At-least-once offset tracking. A partition's commit point only moves past an offset
+//! when that message and every earlier one of the partition has had its output (verdict,
+//! dead letter, or nothing to publish) acknowledged. Messages are dispatched in offset
+//! order per partition; acknowledgements arrive in any order.
+//!
+//! Each assignment of a partition gets a generation number: acknowledgements of messages
+//! read under an earlier assignment (before a revoke) are ignored, so a partition that
+//! moved away and came back cannot be committed past work it never finished.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// (topic, partition)
+pub type TopicPartition = (String, i32);
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    generation: u64,
+    /// Dispatched, not yet acknowledged.
+    pending: BTreeSet<i64>,
+    /// Offset after the highest dispatched one.
+    next: Option<i64>,
+    /// Last commit point handed out by `take_commits`.
+    committed: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: BTreeMap<TopicPartition, PartitionState>,
+    generation: u64,
+}
+
+impl OffsetTracker {
+    /// Starts tracking newly assigned partitions (a fresh generation each time).
+    pub fn assign(&mut self, tps: impl IntoIterator<Item = TopicPartition>) {
+        for tp in tps {
+            self.generation += 1;
+            self.partitions.insert(tp, PartitionState { generation: self.generation, ..Default::default() });
+        }
+    }
+
+    /// Stops tracking revoked partitions; late acknowledgements for them are ignored.
+    pub fn revoke(&mut self, tps: impl IntoIterator<Item = TopicPartition>) {
+        for tp in tps {
+            self.partitions.remove(&tp);
+        }
+    }
+
+    /// Records a consumed message; returns the generation its acknowledgement must carry,
+    /// or None when the partition is not assigned (the message is then not processed).
+    pub fn dispatch(&mut self, tp: &TopicPartition, offset: i64) -> Option<u64> {
+        let p = self.partitions.get_mut(tp)?;
+        p.pending.insert(offset);
+        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        Some(p.generation)
+    }
+
+    /// Acknowledges a message's output. Returns false when it belongs to an old generation.
+    pub fn ack(&mut self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
+        match self.partitions.get_mut(tp) {
+            Some(p) if p.generation == generation => p.pending.remove(&offset),
+            _ => false,
+        }
+    }
+
+    /// The offset to commit for a partition (the next one to read): the oldest
+    /// unacknowledged offset, or one past the highest dispatched.
+    pub fn commit_point(&self, tp: &TopicPartition) -> Option<i64> {
+        let p = self.partitions.get(tp)?;
+        p.pending.first().copied().or(p.next)
+    }
+
+    /// Commit points that moved since the last call.
+    pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+        let mut out = Vec::new();
+        for (tp, p) in self.partitions.iter_mut() {
+            let point = p.pending.first().copied().or(p.next);
+            if let Some(point) = point {
+                if p.committed != Some(point) {
+                    p.committed = Some(point);
+                    out.push((tp.clone(), point));
+                }
+            }
+        }
+        out
+    }
+
+    /// Commit points of the given partitions (for a synchronous commit on revoke).
+    pub fn commits_for(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        tps.iter().filter_map(|tp| self.commit_point(tp).map(|o| (tp.clone(), o))).collect()
+    }
+
+    /// Messages dispatched and not yet acknowledged, over all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|p| p.pending.len()).sum()
+    }
+
+    pub fn assigned(&self) -> Vec<TopicPartition> {
+        self.partitions.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        ("images".to_string(), p)
+    }
+
+    #[test]
+    fn commit_point_waits_for_every_earlier_message() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let g = t.dispatch(&tp(0), 10).unwrap();
+        t.dispatch(&tp(0), 11);
+        t.dispatch(&tp(0), 12);
+        assert_eq!(t.commit_point(&tp(0)), Some(10));
+        // Out of order: 12 and 11 done, 10 still pending -> nothing moves.
+        assert!(t.ack(&tp(0), 12, g));
+        assert!(t.ack(&tp(0), 11, g));
+        assert_eq!(t.commit_point(&tp(0)), Some(10));
+        assert_eq!(t.in_flight(), 1);
+        assert!(t.ack(&tp(0), 10, g));
+        assert_eq!(t.commit_point(&tp(0)), Some(13));
+        assert_eq!(t.take_commits(), vec![(tp(0), 13)]);
+        assert!(t.take_commits().is_empty(), "an unchanged point is not committed twice");
+    }
+
+    #[test]
+    fn acks_from_an_earlier_assignment_are_ignored() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(1)]);
+        let old = t.dispatch(&tp(1), 5).unwrap();
+        t.revoke([tp(1)]);
+        assert_eq!(t.dispatch(&tp(1), 6), None, "not assigned: not processed");
+        t.assign([tp(1)]);
+        let new = t.dispatch(&tp(1), 5).unwrap();
+        assert_ne!(old, new);
+        assert!(!t.ack(&tp(1), 5, old));
+        assert_eq!(t.commit_point(&tp(1)), Some(5));
+        assert!(t.ack(&tp(1), 5, new));
+        assert_eq!(t.commit_point(&tp(1)), Some(6));
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0), tp(1)]);
+        let g0 = t.dispatch(&tp(0), 0).unwrap();
+        let g1 = t.dispatch(&tp(1), 0).unwrap();
+        t.dispatch(&tp(1), 1);
+        t.ack(&tp(1), 0, g1);
+        assert_eq!(t.commits_for(&[tp(0), tp(1)]), vec![(tp(0), 0), (tp(1), 1)]);
+        t.ack(&tp(0), 0, g0);
+        assert_eq!(t.commit_point(&tp(0)), Some(1));
+    }
+}

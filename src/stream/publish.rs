@@ -1,0 +1,151 @@
+//! Publishing images into a topic (`dlsr publish`; the demo; load tests; backfills).
+//! Encoded files go as they are (the daemon judges them, bad ones included); IDX/CSV
+//! records are encoded as PNG. The key is the item id. Delivery is confirmed before
+//! returning.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::data::{DataSet, ItemContent, RawItem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("{id}: cannot encode as PNG: {reason}")]
+    Encode { id: String, reason: String },
+}
+
+#[derive(Default)]
+pub struct DeliveryCounts {
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl ClientContext for &'static DeliveryCounts {}
+impl ProducerContext for &'static DeliveryCounts {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err((e, _)) => {
+                tracing::warn!("publish delivery failed: {e}");
+                self.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PublishReport {
+    pub sent: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    pub unreadable: u64,
+    pub seconds: f64,
+}
+
+/// The bytes to publish for an item.
+pub fn item_bytes(item: &RawItem) -> Result<Vec<u8>, PublishError> {
+    match &item.content {
+        ItemContent::Encoded(bytes) => Ok(bytes.clone()),
+        ItemContent::Grey { width, height, pixels } => {
+            let img = image::GrayImage::from_raw(*width, *height, pixels.clone()).ok_or_else(|| {
+                PublishError::Encode { id: item.id.clone(), reason: "pixel count mismatch".into() }
+            })?;
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png)
+                .map_err(|e| PublishError::Encode { id: item.id.clone(), reason: e.to_string() })?;
+            Ok(out.into_inner())
+        }
+    }
+}
+
+/// A producer for publishing; `extra` are librdkafka properties.
+pub struct Publisher {
+    producer: BaseProducer<&'static DeliveryCounts>,
+    counts: &'static DeliveryCounts,
+    sent: u64,
+}
+
+impl Publisher {
+    pub fn new(brokers: &str, extra: &[(String, String)]) -> Result<Self, PublishError> {
+        // Leaked once per publisher: the delivery callback needs a 'static context.
+        let counts: &'static DeliveryCounts = Box::leak(Box::default());
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("linger.ms", "5");
+        for (k, v) in extra {
+            cfg.set(k, v);
+        }
+        let producer = cfg.create_with_context(counts).map_err(|e| PublishError::Kafka(e.to_string()))?;
+        Ok(Self { producer, counts, sent: 0 })
+    }
+
+    /// Queues one message (waits while the local queue is full).
+    pub fn send(&mut self, topic: &str, key: &str, payload: &[u8]) -> Result<(), PublishError> {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(PublishError::Kafka(e.to_string())),
+            }
+        }
+        self.sent += 1;
+        self.producer.poll(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Waits for every queued message's delivery report.
+    pub fn finish(self, started: Instant, unreadable: u64) -> Result<PublishReport, PublishError> {
+        self.producer
+            .flush(Duration::from_secs(60))
+            .map_err(|e| PublishError::Kafka(format!("flush: {e}")))?;
+        Ok(PublishReport {
+            sent: self.sent,
+            delivered: self.counts.delivered.load(Ordering::Relaxed),
+            failed: self.counts.failed.load(Ordering::Relaxed),
+            unreadable,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Publishes every item of `set` to `topic`, at most `rate` messages per second.
+pub fn publish_set(
+    publisher: &mut Publisher,
+    set: &DataSet,
+    topic: &str,
+    rate: Option<f64>,
+) -> Result<u64, PublishError> {
+    let started = Instant::now();
+    let mut unreadable = 0;
+    for (i, item) in set.iter().enumerate() {
+        if let Some(r) = rate.filter(|r| *r > 0.0) {
+            let due = started + Duration::from_secs_f64(i as f64 / r);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        match item {
+            Ok(item) => publisher.send(topic, &item.id, &item_bytes(&item)?)?,
+            Err(e) => {
+                tracing::warn!("not published: {e}");
+                unreadable += 1;
+            }
+        }
+    }
+    Ok(unreadable)
+}
