@@ -424,3 +424,67 @@ impl Config {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dlsr.toml")
+    }
+
+    #[test]
+    fn shipped_example_equals_the_defaults() {
+        let text = std::fs::read_to_string(shipped()).unwrap();
+        let parsed: Config = toml_from_str(&text);
+        assert_eq!(parsed, Config::default(), "config/dlsr.toml has drifted from the defaults in config.rs");
+    }
+
+    fn toml_from_str(text: &str) -> Config {
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+
+    fn with(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path))
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = with("[kafka]\nbrokerz = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+        let err = with("[thresholds.topics.images]\ntarget_fpr = 1.5\n").unwrap_err();
+        assert!(err.to_string().contains("thresholds.topics.images.target_fpr"), "{err}");
+        let err = with("[thresholds.default]\nvalue = 1.0\ntarget_fpr = 0.1\n").unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = with("[kafka]\noutput_topic = \"images\"\n").unwrap_err();
+        assert!(err.to_string().contains("kafka.output_topic"), "{err}");
+        let err = with("[pipeline]\nbatch_max_size = 0\n").unwrap_err();
+        assert!(err.to_string().contains("pipeline.batch_max_size"), "{err}");
+        let err = with(
+            "[kafka.security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sasl_password"), "{err}");
+        assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
+    }
+
+    #[test]
+    fn secrets_come_from_env_or_file_and_are_not_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(Config::secret("k", "", file.to_str().unwrap()).unwrap().as_deref(), Some("s3cret"));
+        assert!(Config::secret("k", "DLSR_TEST_UNSET_VARIABLE_X", "").is_err());
+        let mut cfg = Config::default();
+        cfg.kafka.security.sasl_password_file = file.to_string_lossy().into_owned();
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+}

@@ -7,3 +7,4 @@ mod common;
 mod encoders;
 mod inputs;
 mod model;
+mod stream;

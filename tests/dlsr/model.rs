@@ -26,13 +26,13 @@ fn mnist() -> String {
 }
 
 /// One small bundle shared by the tests of this module (fitting costs tens of seconds).
-struct Fitted {
+pub struct Fitted {
     dir: tempfile::TempDir,
-    bundle: PathBuf,
+    pub bundle: PathBuf,
     fit_stdout: String,
 }
 
-fn fitted() -> &'static Fitted {
+pub fn fitted() -> &'static Fitted {
     static FITTED: OnceLock<Fitted> = OnceLock::new();
     FITTED.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();

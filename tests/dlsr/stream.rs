@@ -1,0 +1,308 @@
+//! The daemon against librdkafka's mock cluster (an in-process Kafka): exactly one
+//! verdict or dead letter per input and commits at the end offsets; back-pressure;
+//! threshold reload; bad configuration at start.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dlsr::config::{Config, Publish};
+use dlsr::data::DataSet;
+use dlsr::stream::daemon::{self, Control, Summary};
+use dlsr::stream::demo::corrupt_messages;
+use dlsr::stream::publish::{item_bytes, Publisher};
+use dlsr::telemetry::metrics::{score_buckets, Metrics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::common::asset;
+
+struct Output {
+    topic: String,
+    key: String,
+    headers: BTreeMap<String, String>,
+    value: Vec<u8>,
+}
+
+fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+    let c = MockCluster::new(1).unwrap();
+    c.create_topic("images", 3, 1).unwrap();
+    c.create_topic("dlsr-verdicts", 1, 1).unwrap();
+    c.create_topic("dlsr-dead-letters", 1, 1).unwrap();
+    let b = c.bootstrap_servers();
+    (c, b)
+}
+
+fn config(brokers: &str, group: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.kafka.group_id = group.to_string();
+    cfg.kafka.publish = Publish::All;
+    cfg.kafka.commit_interval_ms = 200;
+    cfg.model.bundle = crate::model::fitted().bundle.clone();
+    cfg.model.device = "cpu".into();
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    cfg.pipeline.batch_max_size = 16;
+    cfg.pipeline.in_flight_limit = 64;
+    cfg
+}
+
+fn start(
+    cfg: Config,
+    control: Control,
+    path: Option<std::path::PathBuf>,
+) -> (std::thread::JoinHandle<Summary>, Arc<Metrics>) {
+    let meta = dlsr::model::bundle::read_meta(&cfg.model.bundle).unwrap();
+    let metrics = Arc::new(Metrics::new(score_buckets(&meta.calibration, &[])));
+    let m = metrics.clone();
+    (std::thread::spawn(move || daemon::run(cfg, path, control, m).expect("daemon failed")), metrics)
+}
+
+/// Publishes `fmnist` ID images (from `offset`), `mnist` OOD digits and the corrupt set.
+fn publish(brokers: &str, fmnist: usize, skip: usize, mnist: usize, corrupt: bool) -> Vec<String> {
+    let mut p = Publisher::new(brokers, &[]).unwrap();
+    let mut keys = Vec::new();
+    let fm = DataSet::open(asset(dlsr::assets::fashion_mnist("t10k-images-idx3-ubyte.gz")).to_str().unwrap())
+        .unwrap();
+    for i in skip..skip + fmnist {
+        let item = fm.get(i).unwrap();
+        p.send("images", &item.id, &item_bytes(&item).unwrap()).unwrap();
+        keys.push(item.id);
+    }
+    let mn =
+        DataSet::open(asset(dlsr::assets::mnist_5k()).to_str().unwrap()).unwrap().with_limit(Some(mnist));
+    for item in mn.iter() {
+        let item = item.unwrap();
+        p.send("images", &item.id, &item_bytes(&item).unwrap()).unwrap();
+        keys.push(item.id);
+    }
+    if corrupt {
+        for (id, bytes) in corrupt_messages() {
+            p.send("images", id, &bytes).unwrap();
+            keys.push(id.to_string());
+        }
+    }
+    let report = p.finish(Instant::now(), 0).unwrap();
+    assert_eq!(report.delivered as usize, keys.len());
+    keys
+}
+
+fn reader(brokers: &str, group: &str) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&["dlsr-verdicts", "dlsr-dead-letters"]).unwrap();
+    c
+}
+
+fn collect(c: &BaseConsumer, n: usize, timeout: Duration) -> Vec<Output> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n && started.elapsed() < timeout {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Output {
+                topic: m.topic().to_string(),
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                headers,
+                value: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end() {
+    let (_cluster, brokers) = cluster();
+    let keys = publish(&brokers, 40, 0, 20, true);
+    let control = Control::default();
+    let (handle, metrics) = start(config(&brokers, "g-exact"), control.clone(), None);
+    let outputs = collect(&reader(&brokers, "r-exact"), keys.len(), Duration::from_secs(120));
+    control.shutdown.store(true, Ordering::Relaxed);
+    let summary = handle.join().unwrap();
+    // After the daemon stopped, a full re-read must find no surplus (duplicate) output.
+    let again = collect(&reader(&brokers, "r-exact-2"), keys.len() + 1, Duration::from_secs(10));
+    assert_eq!(again.len(), keys.len(), "outputs after shutdown: duplicates or losses");
+
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in &outputs {
+        *seen.entry(o.key.as_str()).or_default() += 1;
+    }
+    for k in &keys {
+        assert_eq!(seen.get(k.as_str()), Some(&1), "{k} must have exactly one output");
+    }
+    let dead: BTreeMap<&str, &str> = outputs
+        .iter()
+        .filter(|o| o.topic == "dlsr-dead-letters")
+        .map(|o| (o.key.as_str(), o.headers["dlsr-error-code"].as_str()))
+        .collect();
+    assert_eq!(dead["corrupt/empty"], "empty");
+    assert_eq!(dead["corrupt/bomb.png"], "too_large");
+    assert_eq!(dead["corrupt/text.jpg"], "unsupported_format");
+    assert_eq!(dead["corrupt/truncated.png"], "undecodable");
+    let empty = outputs.iter().find(|o| o.key == "corrupt/empty").unwrap();
+    assert!(empty.value.is_empty() && empty.headers.contains_key("dlsr-source-offset"));
+    let truncated = outputs.iter().find(|o| o.key == "corrupt/truncated.png").unwrap();
+    assert!(!truncated.value.is_empty(), "the original bytes travel with the dead letter");
+
+    let mut flagged = BTreeMap::from([("fmnist", 0), ("mnist", 0)]);
+    for o in outputs.iter().filter(|o| o.topic == "dlsr-verdicts") {
+        let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
+        assert_eq!(v["id"], o.key.as_str());
+        assert_eq!(v["source"]["topic"], "images");
+        assert!(v["source"]["offset"].is_i64() && v["source"]["timestamp"].is_i64());
+        assert!(v["model"]["sha256"].as_str().unwrap().len() == 64);
+        assert!(v["scored_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(o.headers["dlsr-verdict"], if v["is_ood"] == true { "ood" } else { "id" });
+        if v["is_ood"] == true {
+            *flagged.entry(if o.key.starts_with("mnist") { "mnist" } else { "fmnist" }).or_default() += 1;
+        }
+    }
+    assert!(flagged["mnist"] >= 18, "MNIST digits must be flagged: {flagged:?}");
+    assert!(flagged["fmnist"] <= 8, "Fashion-MNIST must mostly pass: {flagged:?}");
+    assert_eq!(summary.consumed as usize, keys.len());
+    assert!(summary.drained);
+
+    // Committed offsets of the daemon's group equal the end offsets of every partition.
+    let probe: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", "g-exact").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition("images", p);
+    }
+    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let mut total = 0;
+    for e in committed.elements() {
+        let (_, high) = probe.fetch_watermarks("images", e.partition(), Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            e.offset(),
+            Offset::Offset(high),
+            "partition {} committed {:?}, end {high}",
+            e.partition(),
+            e.offset()
+        );
+        total += high;
+    }
+    assert_eq!(total as usize, keys.len());
+    let text = metrics.render();
+    assert!(text.contains("dlsr_dead_letters_total{code=\"empty\",topic=\"images\"} 1"), "{text}");
+    assert!(text.contains("dlsr_score_bucket{kind=\"mfsim\""), "score histogram missing");
+}
+
+#[test]
+fn a_slow_scorer_pauses_the_consumer_and_bounds_what_is_in_flight() {
+    let (_cluster, brokers) = cluster();
+    let keys = publish(&brokers, 60, 100, 0, false);
+    let mut cfg = config(&brokers, "g-slow");
+    cfg.pipeline.batch_max_size = 4;
+    cfg.pipeline.in_flight_limit = 8;
+    let control = Control { slow_scorer: Some(Duration::from_millis(100)), ..Default::default() };
+    let (handle, metrics) = start(cfg, control.clone(), None);
+    let outputs = collect(&reader(&brokers, "r-slow"), keys.len(), Duration::from_secs(120));
+    control.shutdown.store(true, Ordering::Relaxed);
+    let summary = handle.join().unwrap();
+    assert_eq!(outputs.len(), keys.len(), "nothing lost under back-pressure");
+    assert!(summary.paused_times >= 1, "the consumer must have paused: {summary:?}");
+    assert!(summary.max_in_flight <= 8, "in flight exceeded the limit: {summary:?}");
+    assert!(metrics.render().contains("dlsr_consumer_paused"));
+}
+
+#[test]
+fn sighup_reload_changes_the_verdicts_of_later_messages() {
+    let (_cluster, brokers) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlsr.toml");
+    let cfg = config(&brokers, "g-reload");
+    let write = |value: &str| {
+        let text = format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g-reload\"\npublish = \"all\"\n\
+             [model]\nbundle = \"{}\"\ndevice = \"cpu\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [thresholds.default]\nscore_kind = \"mfsim\"\n{value}\n",
+            cfg.model.bundle.display()
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write("value = -2.0"); // MFsim >= -1 always: everything is flagged
+    let cfg = Config::load(Some(&path)).unwrap();
+    let control = Control::default();
+    let (handle, metrics) = start(cfg, control.clone(), Some(path.clone()));
+    let r = reader(&brokers, "r-reload");
+    publish(&brokers, 10, 200, 0, false);
+    let first = collect(&r, 10, Duration::from_secs(60));
+
+    std::fs::write(&path, "[kafka]\nnot_a_key = 1\n").unwrap();
+    control.reload.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    write("value = 10.0"); // nothing is flagged
+    control.reload.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    publish(&brokers, 10, 300, 0, false);
+    let second = collect(&r, 10, Duration::from_secs(60));
+    control.shutdown.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+
+    let ood = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.value).unwrap()["is_ood"] == true;
+    assert_eq!(first.len(), 10);
+    assert_eq!(second.len(), 10);
+    assert!(first.iter().all(ood), "threshold -2 flags everything");
+    assert!(!second.iter().any(ood), "after the reload, threshold 10 flags nothing");
+    let text = metrics.render();
+    assert!(text.contains("dlsr_config_reloads_total{result=\"rejected\"} 1"), "{text}");
+    assert!(text.contains("dlsr_config_reloads_total{result=\"ok\"} 1"), "{text}");
+    assert!(text.contains("dlsr_threshold{kind=\"mfsim\",topic=\"images\"} 10"), "{text}");
+}
+
+#[test]
+fn bad_configuration_fails_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = crate::model::fitted().bundle.clone();
+    let cases = [
+        ("[kafka]\nbrokerz = \"x\"\n".to_string(), "brokerz"),
+        (format!("[model]\nbundle = \"{}\"\n[thresholds.default]\ntarget_fpr = 2.0\n", bundle.display()), "target_fpr"),
+        ("[model]\nbundle = \"/nonexistent/model.safetensors\"\n".to_string(), "nonexistent"),
+        (
+            format!("[kafka]\nbrokers = \"127.0.0.1:1\"\n[model]\nbundle = \"{}\"\ndevice = \"cpu\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n", bundle.display()),
+            "unreachable",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(crate::common::dlsr_bin())
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("DLSR__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} must fail");
+        assert!(stderr.contains(needle), "case {i}: {stderr}");
+    }
+    // An environment override is validated like the file.
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["serve"])
+        .env("DLSR__PIPELINE__BATCH_MAX_SIZE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pipeline.batch_max_size"));
+}
