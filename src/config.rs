@@ -28,7 +28,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -38,20 +38,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            kafka: KafkaConfig::default(),
-            model: ModelConfig::default(),
-            pipeline: PipelineConfig::default(),
-            thresholds: ThresholdsConfig::default(),
-            metrics: MetricsConfig::default(),
-            log: LogConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
 }
 
 /// Which verdicts go to the output topic.

@@ -34,11 +34,12 @@ pub fn metrics_for(cfg: &Config) -> anyhow::Result<Arc<Metrics>> {
 }
 
 pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during start-up must also end in a clean, drained exit.
+    let control = Control::default();
+    crate::shutdown::forward_signals(control.shutdown.clone(), control.reload.clone());
     let cfg = Config::load(args.config.as_deref())?;
     crate::telemetry::init_logging(&cfg.log.format, &cfg.log.level);
     let metrics = metrics_for(&cfg)?;
-    let control = Control::default();
-    crate::shutdown::forward_signals(control.shutdown.clone(), control.reload.clone());
     let summary = daemon::run(cfg, args.config.clone(), control, metrics)?;
     eprintln!("{}", serde_json::to_string(&summary)?);
     Ok(())
