@@ -245,7 +245,7 @@ fn two_daemons_share_the_partitions_and_survive_one_dying() {
     out.until(Duration::from_secs(180), |o| o.missing(&keys) == 0);
     let summary = terminate(a);
     assert_eq!(out.missing(&keys), 0, "nothing may be lost when one of two daemons dies");
-    let last_json = summary.lines().filter(|l| l.starts_with('{')).last().unwrap_or("{}");
+    let last_json = summary.lines().rfind(|l| l.starts_with('{')).unwrap_or("{}");
     let consumed: serde_json::Value = serde_json::from_str(last_json).unwrap_or_default();
     let by_a = consumed["consumed"].as_u64().unwrap_or(0) as usize;
     assert!(by_a > 0, "the surviving daemon consumed nothing");
