@@ -5,6 +5,8 @@
 #   scripts/benchmark.sh sizes   6k train, 2k test vs 2k MNIST at 32, 64 and 224 px
 #   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
 #   scripts/benchmark.sh score   `dlsr score` throughput, batch 64, with/without encoder
+#   scripts/benchmark.sh daemon  messages/s through a real broker (tansu) vs offline
+#                                `dlsr score`, latency at half that rate, memory over time
 # Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
 # Results land in runs/bench-<mode>/; each run prints a summary table.
 set -euo pipefail
@@ -63,6 +65,10 @@ n = out.count("\n"); dt = time.time() - t
 print(f"| dlsr score end to end (decode + encoder + LFDN), batch 64 | {n / dt:.0f} images/s |")
 PY
     "$BIN" features --data "$TEST" --limit 4096 --input-size 64 --batch-size 64 -q | grep time ;;
+  daemon)
+    N="${N:-10000}"
+    "$BIN" -q fit --data "$TRAIN" --limit 5000 --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
+    python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 echo; echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

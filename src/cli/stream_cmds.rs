@@ -61,6 +61,9 @@ pub struct PublishArgs {
     /// Take only the first N items of each SPEC.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Create the topic with this many partitions if it does not exist.
+    #[arg(long)]
+    pub partitions: Option<i32>,
     /// Extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(short = 'X', value_parser = parse_kv)]
     pub properties: Vec<(String, String)>,
@@ -74,6 +77,9 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    if let Some(p) = args.partitions {
+        crate::stream::publish::ensure_topic(&args.brokers, &args.topic, p)?;
+    }
     let mut publisher = Publisher::new(&args.brokers, &args.properties)?;
     let mut unreadable = 0;
     for spec in &args.specs {

@@ -149,3 +149,29 @@ pub fn publish_set(
     }
     Ok(unreadable)
 }
+
+/// Creates `topic` with `partitions` partitions unless it exists (Kafka admin API; the
+/// mock cluster does not support it, use `MockCluster::create_topic` there).
+pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), PublishError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| PublishError::Kafka(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PublishError::Kafka(e.to_string()))?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = rt
+        .block_on(admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &opts))
+        .map_err(|e| PublishError::Kafka(format!("create topic {topic}: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(PublishError::Kafka(format!("create topic {t}: {e}"))),
+        }
+    }
+    Ok(())
+}

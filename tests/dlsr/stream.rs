@@ -165,6 +165,22 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
     let truncated = outputs.iter().find(|o| o.key == "corrupt/truncated.png").unwrap();
     assert!(!truncated.value.is_empty(), "the original bytes travel with the dead letter");
 
+    // The published JSON Schema must describe exactly the fields a verdict has.
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/verdict.schema.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let documented: std::collections::BTreeSet<&str> =
+        schema["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+    let first = outputs.iter().find(|o| o.topic == "dlsr-verdicts").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&first.value).unwrap();
+    let actual: std::collections::BTreeSet<&str> =
+        v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(documented, actual, "docs/verdict.schema.json and the verdict record differ");
+
     let mut flagged = BTreeMap::from([("fmnist", 0), ("mnist", 0)]);
     for o in outputs.iter().filter(|o| o.topic == "dlsr-verdicts") {
         let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();

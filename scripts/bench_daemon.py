@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Daemon benchmark (called by scripts/benchmark.sh daemon): tansu on 127.0.0.1, N
+Fashion-MNIST images published, `dlsr serve` started; measures messages/s until every
+message is scored (from /metrics), offline `dlsr score` on the same images, end-to-end
+latency p50/p99 at about half the measured rate, and resident memory after N and 5N
+messages. Prints a Markdown table. Usage: bench_daemon.py BIN BUNDLE IDX N"""
+import os, re, socket, subprocess, sys, tempfile, time, urllib.request
+
+BIN, BUNDLE, DATA, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def metrics(port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def total(text, name):
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def quantile(text, name, q):
+    buckets = [(float("inf") if le == "+Inf" else float(le), float(v))
+               for le, v in re.findall(rf'^{name}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} ([0-9.e+-]+)$', text, re.M)]
+    merged = {}
+    for le, v in buckets:
+        merged[le] = merged.get(le, 0) + v
+    edges = sorted(merged.items())
+    count = edges[-1][1] if edges else 0
+    for le, v in edges:
+        if v >= q * count:
+            return le
+    return float("nan")
+
+
+def rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+
+kport, mport = free_port(), free_port()
+url = f"tcp://127.0.0.1:{kport}"
+tansu = subprocess.Popen([os.path.join(ROOT, ".deps/bin/tansu"), "broker", "--listener-url", url,
+                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+brokers = f"127.0.0.1:{kport}"
+time.sleep(0.5)
+tmp = tempfile.mkdtemp()
+cfg = os.path.join(tmp, "dlsr.toml")
+open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "bench"\n[model]\nbundle = "{BUNDLE}"\n
+[metrics]\nlisten = "127.0.0.1:{mport}"\n[log]\nlevel = "warn"\n""")
+try:
+    for topic in ("dlsr-verdicts", "dlsr-dead-letters"):
+        subprocess.run([BIN, "publish", "--brokers", brokers, "--topic", topic, "--partitions", "1", DATA, "--limit", "0"],
+                       check=False, capture_output=True)
+
+    def publish(n, rate=None):
+        args = [BIN, "publish", "--brokers", brokers, "--topic", "images", "--partitions", "3", DATA, "--limit", str(n)]
+        if rate:
+            args += ["--rate", str(rate)]
+        subprocess.run(args, check=True, capture_output=True)
+
+    publish(N)  # the topic is created on first produce
+    daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            metrics(mport); break
+        except OSError:
+            time.sleep(0.2)
+    start = None
+    while True:
+        done = total(metrics(mport), "dlsr_verdicts_total")
+        if start is None and total(metrics(mport), "dlsr_messages_consumed_total") > 0:
+            start = time.time()
+        if done >= N:
+            break
+        time.sleep(0.2)
+    rate = N / (time.time() - start)
+    rss_n = rss_mb(daemon.pid)
+
+    t = time.time()
+    out = subprocess.run([BIN, "-q", "score", "--model", BUNDLE, DATA, "--limit", str(N)], check=True,
+                         capture_output=True, text=True).stdout
+    offline = out.count("\n") / (time.time() - t)
+
+    # Latency at about half the daemon's rate; histogram deltas over this phase only.
+    before = metrics(mport)
+    half = max(1, int(rate / 2))
+    n_lat = min(N, half * 20)
+    publish(n_lat, rate=half)
+    while total(metrics(mport), "dlsr_verdicts_total") < N + n_lat:
+        time.sleep(0.2)
+    after = metrics(mport)
+
+    def delta(q):
+        # Quantile of the phase: subtract cumulative bucket counts of `before`.
+        b = {le: v for le, v in re.findall(r'^dlsr_end_to_end_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.e+-]+)$', before, re.M)}
+        lines = [f'dlsr_end_to_end_seconds_bucket{{le="{le}"}} {float(v) - float(b.get(le, 0))}'
+                 for le, v in re.findall(r'^dlsr_end_to_end_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.e+-]+)$', after, re.M)]
+        return quantile("\n".join(lines), "dlsr_end_to_end_seconds", q)
+
+    p50, p99 = delta(0.5), delta(0.99)
+    # Memory: 4N more messages.
+    for _ in range(4):
+        publish(N)
+    while total(metrics(mport), "dlsr_verdicts_total") < 5 * N + n_lat:
+        time.sleep(0.5)
+    rss_5n = rss_mb(daemon.pid)
+    daemon.terminate(); daemon.wait(timeout=60)
+    print(f"| daemon through tansu | {rate:.0f} msg/s |")
+    print(f"| offline `dlsr score`, same images | {offline:.0f} images/s |")
+    print(f"| daemon / offline | {rate / offline:.2f} |")
+    print(f"| end-to-end latency at {half} msg/s: p50 / p99 (histogram bucket upper bounds) | {p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms |")
+    print(f"| resident memory after {N} / {5 * N + n_lat} messages | {rss_n:.0f} MB / {rss_5n:.0f} MB |")
+finally:
+    tansu.kill()
