@@ -72,6 +72,8 @@ pub struct Control {
     pub reload: Arc<AtomicBool>,
     /// Test hook: extra time the scorer spends per batch (simulates a slow device).
     pub slow_scorer: Option<Duration>,
+    /// Where the HTTP listener was bound (useful with port 0).
+    pub http_addr: Arc<Mutex<Option<std::net::SocketAddr>>>,
 }
 
 /// Counts of a daemon run, returned when it stops.
@@ -567,6 +569,10 @@ pub fn run(
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&addr))
         .map_err(|e| DaemonError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    if let (Ok(bound), Ok(mut slot)) = (listener.local_addr(), control.http_addr.lock()) {
+        tracing::info!(%bound, "metrics listener");
+        *slot = Some(bound);
+    }
     let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
     runtime.spawn(crate::telemetry::http::serve(listener, metrics.clone(), health.clone(), http_stop_rx));
 

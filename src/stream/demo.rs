@@ -198,7 +198,18 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         mn.len(),
         corrupt.len()
     );
-    println!("metrics: http://{}/metrics  (also /healthz, /readyz)", opts.metrics_listen);
+    // The daemon binds its listener after loading the model; wait for it (or its failure).
+    let bound_by = Instant::now() + Duration::from_secs(60);
+    let http = loop {
+        if let Some(a) = control.http_addr.lock().ok().and_then(|a| *a) {
+            break a.to_string();
+        }
+        if daemon_thread.is_finished() || Instant::now() > bound_by {
+            break opts.metrics_listen.clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("metrics: http://{http}/metrics  (also /healthz, /readyz)");
     debug_assert_eq!(published.sent as usize, total);
 
     // Read what the daemon produced.
@@ -262,7 +273,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         }
     }
     report.complete = report.verdicts + report.dead_letters == sent;
-    let metrics_text = scrape(&opts.metrics_listen).unwrap_or_default();
+    let metrics_text = scrape(&http).unwrap_or_default();
     control.shutdown.store(true, Ordering::Relaxed);
     let summary = daemon_thread.join().map_err(|_| anyhow::anyhow!("the daemon thread panicked"))??;
     drop(reader);

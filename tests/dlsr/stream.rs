@@ -322,3 +322,23 @@ fn bad_configuration_fails_at_start_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pipeline.batch_max_size"));
 }
+
+#[test]
+fn demo_runs_the_whole_stream_and_stops_by_itself() {
+    let bundle = crate::model::fitted().bundle.clone();
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["-q", "demo", "--bundle", bundle.to_str().unwrap(), "--id-images", "40", "--ood-images", "20"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--device", "cpu", "--timeout", "120"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("published 64 messages (40 Fashion-MNIST, 20 MNIST, 4 corrupt)"), "{stdout}");
+    assert!(stdout.contains("every message accounted for"), "{stdout}");
+    for code in ["empty", "too_large", "unsupported_format", "undecodable"] {
+        assert!(
+            stdout.contains(&format!("dlsr_dead_letters_total{{code=\"{code}\"")),
+            "{code} missing:\n{stdout}"
+        );
+    }
+}
