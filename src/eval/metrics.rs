@@ -54,60 +54,56 @@ pub fn fpr_at_95_tnr(id: &[f64], ood: &[f64]) -> Option<f64> {
     Some(ood.iter().filter(|&&s| s <= threshold).count() as f64 / ood.len() as f64)
 }
 
+/// Scores sorted high to low and grouped by equal value: per group, how many OOD and
+/// how many ID items it holds. Ties are one group, so every metric treats them alike.
+fn tie_groups_descending(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
+    let mut all: Vec<(f64, bool)> =
+        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut groups: Vec<(f64, f64)> = Vec::new();
+    let mut previous: Option<f64> = None;
+    for (score, is_ood) in all {
+        if previous != Some(score) {
+            groups.push((0.0, 0.0));
+            previous = Some(score);
+        }
+        if let Some(g) = groups.last_mut() {
+            if is_ood {
+                g.0 += 1.0
+            } else {
+                g.1 += 1.0
+            }
+        }
+    }
+    groups
+}
+
 /// Average precision with OOD positive.
 pub fn aupr(id: &[f64], ood: &[f64]) -> Option<f64> {
     if id.is_empty() || ood.is_empty() {
         return None;
     }
-    let mut all: Vec<(f64, bool)> =
-        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let total_pos = ood.len() as f64;
     let (mut tp, mut fp, mut ap, mut prev_recall) = (0.0, 0.0, 0.0, 0.0);
-    let mut i = 0;
-    while i < all.len() {
-        let mut j = i;
-        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
-            j += 1;
-        }
-        for x in &all[i..=j] {
-            if x.1 {
-                tp += 1.0
-            } else {
-                fp += 1.0
-            }
-        }
+    for (pos, neg) in tie_groups_descending(id, ood) {
+        tp += pos;
+        fp += neg;
         let recall = tp / total_pos;
         ap += (recall - prev_recall) * tp / (tp + fp);
         prev_recall = recall;
-        i = j + 1;
     }
     Some(ap)
 }
 
 /// ROC curve points (fpr, tpr), from (0, 0) to (1, 1), one per distinct threshold.
 pub fn roc_curve(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
-    let mut all: Vec<(f64, bool)> =
-        id.iter().map(|&s| (s, false)).chain(ood.iter().map(|&s| (s, true))).collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (np, nn) = (ood.len().max(1) as f64, id.len().max(1) as f64);
     let mut points = vec![(0.0, 0.0)];
     let (mut tp, mut fp) = (0.0, 0.0);
-    let mut i = 0;
-    while i < all.len() {
-        let mut j = i;
-        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
-            j += 1;
-        }
-        for x in &all[i..=j] {
-            if x.1 {
-                tp += 1.0
-            } else {
-                fp += 1.0
-            }
-        }
+    for (pos, neg) in tie_groups_descending(id, ood) {
+        tp += pos;
+        fp += neg;
         points.push((fp / nn, tp / np));
-        i = j + 1;
     }
     points
 }

@@ -145,19 +145,8 @@ fn load_into(
     device: Device,
 ) -> Result<(nn::VarStore, Lfdn), BundleError> {
     let (mut vs, net) = new_lfdn(config, device);
-    let damaged = |reason: String| BundleError::Damaged { path: path.into(), reason };
-    for (name, mut var) in vs.variables() {
-        let key = format!("{prefix}.{name}");
-        let src = stored.get(&key).ok_or_else(|| damaged(format!("missing tensor {key}")))?;
-        if src.size() != var.size() {
-            return Err(damaged(format!(
-                "{key} has shape {:?}, the configuration needs {:?}",
-                src.size(),
-                var.size()
-            )));
-        }
-        tch::no_grad(|| var.f_copy_(src)).map_err(|e| damaged(format!("{key}: {e}")))?;
-    }
+    super::efficientnet::copy_checked(&mut vs, stored, &format!("{prefix}."))
+        .map_err(|reason| BundleError::Damaged { path: path.into(), reason })?;
     vs.freeze();
     Ok((vs, net))
 }

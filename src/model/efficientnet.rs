@@ -325,24 +325,33 @@ pub(crate) fn load_checked(vs: &mut nn::VarStore, path: &Path, model: &str) -> R
             reason: "file not found (run scripts/fetch-assets.sh)".into(),
         });
     }
-    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+    let stored: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
         .map_err(|e| ModelError::Weights { path: path.into(), reason: e.to_string() })?
         .into_iter()
         .collect();
-    let mismatch =
-        |reason: String| ModelError::WeightsMismatch { path: path.into(), model: model.into(), reason };
+    copy_checked(vs, &stored, "").map_err(|reason| ModelError::WeightsMismatch {
+        path: path.into(),
+        model: model.into(),
+        reason,
+    })
+}
+
+/// Copies `stored[prefix + name]` into every variable of `vs`; the error says which
+/// tensor is missing or has the wrong shape. Shared by encoders and bundles.
+pub(crate) fn copy_checked(
+    vs: &mut nn::VarStore,
+    stored: &std::collections::BTreeMap<String, Tensor>,
+    prefix: &str,
+) -> Result<(), String> {
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, mut var) in variables {
-        let src = stored.get(&name).ok_or_else(|| mismatch(format!("missing tensor {name}")))?;
+        let key = format!("{prefix}{name}");
+        let src = stored.get(&key).ok_or_else(|| format!("missing tensor {key}"))?;
         if src.size() != var.size() {
-            return Err(mismatch(format!(
-                "{name} has shape {:?}, the model needs {:?}",
-                src.size(),
-                var.size()
-            )));
+            return Err(format!("{key} has shape {:?}, the model needs {:?}", src.size(), var.size()));
         }
-        tch::no_grad(|| var.f_copy_(src)).map_err(|e| mismatch(format!("{name}: {e}")))?;
+        tch::no_grad(|| var.f_copy_(src)).map_err(|e| format!("{key}: {e}"))?;
     }
     Ok(())
 }
