@@ -55,7 +55,12 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
         .set("enable.partition.eof", "false")
         // Brokers that do not answer a fetch before its maximum wait (tansu) would add up
         // to 500 ms (the default) to every message's latency at low rates.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // librdkafka prefetches up to 100k messages per partition by default: with a
+        // backlog that is hundreds of MB of images in memory. Bound it; the pipeline's
+        // own bound is in_flight_limit.
+        .set("queued.min.messages", "1000")
+        .set("queued.max.messages.kbytes", "16384");
     Ok(with_properties(c, k))
 }
 
