@@ -70,13 +70,7 @@ pub struct FitReport {
 /// A seeded shuffle of 0..n (Fisher-Yates over splitmix64), independent of libtorch.
 pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
     let mut state = seed ^ 0x5DEE_CE66_D1CE_5EED;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = || crate::model::score::splitmix64(&mut state);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (next() % (i as u64 + 1)) as usize;

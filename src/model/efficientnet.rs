@@ -250,18 +250,25 @@ impl EfficientNetLite {
         images.f_to_device(self.vs.device())?.f_to_kind(kind)
     }
 
+    /// Stem and the first `blocks` MBConv blocks: the tapped maps and the last output.
+    /// Callers wrap it in no_grad and autocast.
+    fn run_blocks(&self, images: &Tensor, blocks: usize) -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
+        let mut x = self.stem.forward(&self.input(images)?, true)?;
+        let mut maps = Vec::with_capacity(self.taps.len());
+        for (i, block) in self.blocks.iter().enumerate().take(blocks) {
+            x = block.forward(&x)?;
+            if self.taps.contains(&i) {
+                maps.push(x.shallow_clone());
+            }
+        }
+        Ok((maps, x))
+    }
+
     /// Runs the whole network; returns the tapped maps and the ImageNet logits.
     pub fn forward_all(&self, images: &Tensor) -> Result<(Vec<Tensor>, Tensor), ModelError> {
         let run = || -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
             tch::no_grad(|| {
-                let mut x = self.stem.forward(&self.input(images)?, true)?;
-                let mut maps = Vec::with_capacity(self.taps.len());
-                for (i, block) in self.blocks.iter().enumerate() {
-                    x = block.forward(&x)?;
-                    if self.taps.contains(&i) {
-                        maps.push(x.shallow_clone());
-                    }
-                }
+                let (maps, x) = self.run_blocks(images, self.blocks.len())?;
                 let pooled = self.head.forward(&x, true)?.f_mean_dim([2i64, 3].as_slice(), false, None)?;
                 let logits = pooled.f_linear(&self.fc.ws, self.fc.bs.as_ref())?;
                 Ok((maps, logits))
@@ -300,19 +307,7 @@ impl Encoder for EfficientNetLite {
     fn feature_maps(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         // Stops after the last tap: the head is not needed for features.
         let last_tap = self.taps.last().copied().unwrap_or(0);
-        let run = || -> Result<Vec<Tensor>, tch::TchError> {
-            tch::no_grad(|| {
-                let mut x = self.stem.forward(&self.input(images)?, true)?;
-                let mut maps = Vec::with_capacity(self.taps.len());
-                for (i, block) in self.blocks.iter().enumerate().take(last_tap + 1) {
-                    x = block.forward(&x)?;
-                    if self.taps.contains(&i) {
-                        maps.push(x.shallow_clone());
-                    }
-                }
-                Ok(maps)
-            })
-        };
+        let run = || tch::no_grad(|| Ok(self.run_blocks(images, last_tap + 1)?.0));
         self.autocast(run).map_err(|e| self.forward_error(images, e))
     }
 }

@@ -119,7 +119,8 @@ pub fn content_seed(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// One step of splitmix64: the project's seeded generator (noise, shuffles).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -220,20 +220,27 @@ fn produce(producer: &KafkaProducer, r: Retry, shutdown_hard: &AtomicBool) {
     }
 }
 
-struct ConsumerCtx {
+/// Applies delivered acknowledgements to the tracker; shared by the consumer loop and
+/// the rebalance callback (both run on the consumer thread).
+#[derive(Clone)]
+struct AckDrain {
     tracker: Arc<Mutex<OffsetTracker>>,
     acks: Arc<Mutex<Receiver<Ack>>>,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
 }
 
-impl ConsumerCtx {
-    fn drain_acks(&self) {
+impl AckDrain {
+    fn drain(&self) {
         let (Ok(rx), Ok(mut tracker)) = (self.acks.lock(), self.tracker.lock()) else { return };
         while let Ok(a) = rx.try_recv() {
             tracker.ack(&a.tp, a.offset, a.generation);
         }
     }
+}
+
+struct ConsumerCtx {
+    drain: AckDrain,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -266,12 +273,12 @@ fn commit(consumer: &BaseConsumer<ConsumerCtx>, commits: &[(TopicPartition, i64)
 impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.drain_acks();
+            self.drain.drain();
             let tps = tps_of(tpl);
-            let commits = self.tracker.lock().map(|t| t.commits_for(&tps)).unwrap_or_default();
+            let commits = self.drain.tracker.lock().map(|t| t.commits_for(&tps)).unwrap_or_default();
             tracing::info!(partitions = tps.len(), "partitions revoked; committing what is done");
             commit(consumer, &commits, CommitMode::Sync);
-            if let Ok(mut t) = self.tracker.lock() {
+            if let Ok(mut t) = self.drain.tracker.lock() {
                 t.revoke(tps);
             }
         }
@@ -281,7 +288,7 @@ impl ConsumerContext for ConsumerCtx {
         if let Rebalance::Assign(tpl) = rebalance {
             let tps = tps_of(tpl);
             tracing::info!(partitions = ?tps, "partitions assigned");
-            if let Ok(mut t) = self.tracker.lock() {
+            if let Ok(mut t) = self.drain.tracker.lock() {
                 t.assign(tps);
             }
         }
@@ -589,18 +596,8 @@ pub fn run(
         .map_err(|e| DaemonError::Kafka(format!("producer: {e}")))?;
     let producer = Arc::new(producer);
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let ctx = ConsumerCtx {
-        tracker: tracker.clone(),
-        acks: Arc::new(Mutex::new(ack_rx)),
-        health: health.clone(),
-        metrics: metrics.clone(),
-    };
-    let ack_drain = ConsumerCtx {
-        tracker: tracker.clone(),
-        acks: ctx.acks.clone(),
-        health: health.clone(),
-        metrics: metrics.clone(),
-    };
+    let ack_drain = AckDrain { tracker: tracker.clone(), acks: Arc::new(Mutex::new(ack_rx)) };
+    let ctx = ConsumerCtx { drain: ack_drain.clone(), health: health.clone(), metrics: metrics.clone() };
     let consumer: BaseConsumer<ConsumerCtx> = consumer_config(&cfg.kafka)?
         .create_with_context(ctx)
         .map_err(|e| DaemonError::Kafka(format!("consumer: {e}")))?;
@@ -671,7 +668,7 @@ pub fn run(
         if control.reload.swap(false, Ordering::Relaxed) {
             reload_thresholds(config_path.as_deref(), &resolver, &thresholds_shared, &metrics, &cfg);
         }
-        ack_drain.drain_acks();
+        ack_drain.drain();
         let in_flight = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
         metrics.in_flight.set(in_flight as i64);
         summary.max_in_flight = summary.max_in_flight.max(in_flight);
@@ -741,7 +738,7 @@ pub fn run(
     drop(work_tx);
     let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_deadline_ms);
     loop {
-        ack_drain.drain_acks();
+        ack_drain.drain();
         let in_flight = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
         if in_flight == 0 {
             summary.drained = true;
@@ -756,7 +753,7 @@ pub fn run(
     }
     hard_stop.store(true, Ordering::Relaxed);
     let _ = producer.flush(Duration::from_secs(5));
-    ack_drain.drain_acks();
+    ack_drain.drain();
     let commits = tracker.lock().map(|t| t.commits_for(&t.assigned())).unwrap_or_default();
     commit(&consumer, &commits, CommitMode::Sync);
     for w in workers {

@@ -147,36 +147,15 @@ fn an_image_scores_the_same_alone_and_inside_a_batch() {
     let f = fitted();
     let cache = f.dir.path().join("cache");
     let digits = mnist();
-    let (ok, batched, stderr) = run(
-        &[
-            "-q",
-            "score",
-            "--model",
-            f.bundle.to_str().unwrap(),
-            &digits,
-            "--limit",
-            "40",
-            "--batch-size",
-            "40",
-        ],
-        &cache,
-    );
-    assert!(ok, "{stderr}");
-    let (ok, single, stderr) = run(
-        &[
-            "-q",
-            "score",
-            "--model",
-            f.bundle.to_str().unwrap(),
-            &digits,
-            "--limit",
-            "40",
-            "--batch-size",
-            "1",
-        ],
-        &cache,
-    );
-    assert!(ok, "{stderr}");
+    // The same 40 digits scored in one batch of 40 and one at a time.
+    let score_with_batch = |batch: &str| -> String {
+        let model = f.bundle.to_str().unwrap();
+        let args = ["-q", "score", "--model", model, &digits, "--limit", "40", "--batch-size", batch];
+        let (ok, stdout, stderr) = run(&args, &cache);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let (batched, single) = (score_with_batch("40"), score_with_batch("1"));
     let parse = |s: &str| -> Vec<(String, f64, f64)> {
         s.lines()
             .map(|l| {
