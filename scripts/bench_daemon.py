@@ -2,8 +2,8 @@
 """Daemon benchmark (called by scripts/benchmark.sh daemon): tansu on 127.0.0.1, N
 Fashion-MNIST images published, `dlsr serve` started; measures messages/s until every
 message is scored (from /metrics), offline `dlsr score` on the same images, end-to-end
-latency p50/p99 at about half the measured rate, and resident memory after N and 5N
-messages. Prints a Markdown table. Usage: bench_daemon.py BIN BUNDLE IDX N"""
+latency p50/p99 at about half the measured rate, and resident memory after N and
+10N messages (MEM_CHUNKS+1 batches of N), sampled after each batch. Prints a Markdown table. Usage: bench_daemon.py BIN BUNDLE IDX N"""
 import os, re, socket, subprocess, sys, tempfile, time, urllib.request
 
 BIN, BUNDLE, DATA, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -104,17 +104,21 @@ try:
         return quantile("\n".join(lines), "dlsr_end_to_end_seconds", q)
 
     p50, p99 = delta(0.5), delta(0.99)
-    # Memory: 4N more messages.
-    for _ in range(4):
+    # Memory: MEM_CHUNKS (default 9) more batches of N, so 10N in all; RSS after each.
+    chunks = int(os.environ.get("MEM_CHUNKS", "9"))
+    rss_series = [rss_n]
+    for i in range(chunks):
         publish(N)
-    while total(metrics(mport), "dlsr_verdicts_total") < 5 * N + n_lat:
-        time.sleep(0.5)
-    rss_5n = rss_mb(daemon.pid)
+        while total(metrics(mport), "dlsr_verdicts_total") < (i + 2) * N + n_lat:
+            time.sleep(0.5)
+        rss_series.append(rss_mb(daemon.pid))
+    rss_5n = rss_series[-1]
     daemon.terminate(); daemon.wait(timeout=60)
     print(f"| daemon through tansu | {rate:.0f} msg/s |")
     print(f"| offline `dlsr score`, same images | {offline:.0f} images/s |")
     print(f"| daemon / offline | {rate / offline:.2f} |")
     print(f"| end-to-end latency at {half} msg/s: p50 / p99 (histogram bucket upper bounds) | {p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms |")
-    print(f"| resident memory after {N} / {5 * N + n_lat} messages | {rss_n:.0f} MB / {rss_5n:.0f} MB |")
+    print(f"| resident memory after {N} / {(chunks + 1) * N + n_lat} messages | {rss_n:.0f} MB / {rss_5n:.0f} MB |")
+    print(f"| resident memory after each {N} messages | {' '.join(f'{r:.0f}' for r in rss_series)} MB |")
 finally:
     tansu.kill()

@@ -24,6 +24,7 @@ pub mod encode;
 pub mod eval;
 pub mod evaluate;
 pub mod fit;
+pub mod memory;
 pub mod model;
 pub mod progress;
 pub mod shutdown;

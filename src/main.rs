@@ -7,6 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    dlsr::memory::limit_malloc_arenas();
     // Before any tch call: a CUDA libtorch must be loaded before tensors exist.
     dlsr::device::init_backends();
     let cli = dlsr::cli::Cli::parse();
