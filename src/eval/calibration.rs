@@ -100,6 +100,23 @@ impl ScoreCalibration {
         let frac = if width > 0.0 { (score - q[i]) / width } else { 0.0 };
         100.0 * (i as f64 + frac) / (q.len() - 1) as f64
     }
+
+    /// The share of held-out ID items scoring above `threshold`: the false-positive rate
+    /// to expect from a stream that is still in distribution.
+    pub fn id_exceedance(&self, threshold: f64) -> f64 {
+        1.0 - self.id_percentile(threshold) / 100.0
+    }
+
+    /// The ID score at quantile `p` (0..1), linear between the stored quantiles.
+    pub fn id_quantile(&self, p: f64) -> f64 {
+        let q = &self.quantiles;
+        if q.is_empty() || !(0.0..=1.0).contains(&p) {
+            return f64::NAN;
+        }
+        let pos = p * (q.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        q[lo] + (q[hi] - q[lo]) * (pos - lo as f64)
+    }
 }
 
 impl Calibration {
@@ -132,6 +149,19 @@ mod tests {
         assert!((c.id_percentile(50.5) - 50.0).abs() < 0.2, "{}", c.id_percentile(50.5));
         assert_eq!(c.id_percentile(0.0), 0.0);
         assert_eq!(c.id_percentile(1000.0), 100.0);
+    }
+
+    #[test]
+    fn quantile_and_exceedance_invert_each_other() {
+        let scores: Vec<f64> = (0..=1000).map(|i| f64::from(i) / 10.0).collect();
+        let c = calibrate_scores(&scores, 0.05).unwrap();
+        assert!((c.id_quantile(0.95) - 95.0).abs() < 1e-9, "{}", c.id_quantile(0.95));
+        assert!((c.id_exceedance(95.0) - 0.05).abs() < 1e-9, "{}", c.id_exceedance(95.0));
+        // The threshold the calibration chose flags about the target share of ID items.
+        assert!((c.id_exceedance(c.threshold) - 0.05).abs() < 2e-3);
+        assert_eq!(c.id_exceedance(-1.0), 1.0);
+        assert_eq!(c.id_exceedance(1e9), 0.0);
+        assert!(c.id_quantile(1.5).is_nan());
     }
 
     #[test]

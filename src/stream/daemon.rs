@@ -44,6 +44,7 @@ use super::offsets::{OffsetTracker, TopicPartition};
 use super::thresholds::Thresholds;
 use crate::config::{Config, ConfigError, Publish};
 use crate::data::{decode, Preprocess};
+use crate::eval::calibration::Calibration;
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
 use crate::model::score::{content_seed, ScoreKind, ScoreSettings};
@@ -212,8 +213,23 @@ fn produce(producer: &KafkaProducer, r: Retry, shutdown_hard: &AtomicBool) {
                 record = back;
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err((e, _)) => {
-                tracing::error!(%topic, "cannot hand a record to the producer: {e}");
+            Err((e, back)) => {
+                // librdkafka refuses at once what it knows will fail (e.g. a topic error
+                // cached from an earlier delivery). Back to the retry loop with backoff,
+                // like a failed delivery: never dropped, never committed undelivered.
+                let delivery = back.delivery_opaque;
+                let ctx = producer.context();
+                ctx.metrics.delivery_errors.with_label_values(&[topic.as_str()]).inc();
+                tracing::warn!(%topic, attempt = delivery.attempt, "producer refused a record, will retry: {e}");
+                let retry = Retry {
+                    key: r.key,
+                    payload: r.payload,
+                    headers: r.headers,
+                    delivery: Delivery { attempt: delivery.attempt + 1, ..*delivery },
+                };
+                if let Ok(tx) = ctx.retries.lock() {
+                    let _ = tx.send(retry);
+                }
                 return;
             }
         }
@@ -278,6 +294,10 @@ impl ConsumerContext for ConsumerCtx {
             let commits = self.drain.tracker.lock().map(|t| t.commits_for(&tps)).unwrap_or_default();
             tracing::info!(partitions = tps.len(), "partitions revoked; committing what is done");
             commit(consumer, &commits, CommitMode::Sync);
+            // A revoked partition's lag is now another instance's to report.
+            for (topic, partition) in &tps {
+                let _ = self.metrics.consumer_lag.remove_label_values(&[topic, &partition.to_string()]);
+            }
             if let Ok(mut t) = self.drain.tracker.lock() {
                 t.revoke(tps);
             }
@@ -504,10 +524,27 @@ fn retry_loop(rx: Receiver<Retry>, producer: Arc<KafkaProducer>, hard_stop: Arc<
     }
 }
 
-fn update_threshold_gauges(metrics: &Metrics, cfg: &Config, t: &Thresholds) {
+/// Thresholds in force and the ID false-positive rate each implies; reset first so a
+/// reload that changes a topic's score kind leaves no stale series behind.
+fn update_threshold_gauges(metrics: &Metrics, cfg: &Config, t: &Thresholds, calibration: &Calibration) {
+    metrics.threshold.reset();
+    metrics.threshold_id_fpr.reset();
     for topic in &cfg.kafka.input_topics {
         let thr = t.for_topic(topic);
-        metrics.threshold.with_label_values(&[topic.as_str(), thr.kind.name()]).set(thr.value);
+        let labels = [topic.as_str(), thr.kind.name()];
+        metrics.threshold.with_label_values(&labels).set(thr.value);
+        if let Some(cal) = calibration.scores.get(&thr.kind) {
+            metrics.threshold_id_fpr.with_label_values(&labels).set(cal.id_exceedance(thr.value));
+        }
+    }
+}
+
+/// The ID score quantiles the alert rules compare the live median against.
+fn set_id_quantile_gauges(metrics: &Metrics, calibration: &Calibration) {
+    for (kind, cal) in &calibration.scores {
+        for (p, label) in [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")] {
+            metrics.id_score_quantile.with_label_values(&[kind.name(), label]).set(cal.id_quantile(p));
+        }
     }
 }
 
@@ -564,7 +601,8 @@ pub fn run(
             state.bundle.meta.preprocess.size.to_string().as_str(),
         ])
         .set(1);
-    update_threshold_gauges(&metrics, &cfg, &thresholds);
+    update_threshold_gauges(&metrics, &cfg, &thresholds, &state.bundle.meta.calibration);
+    set_id_quantile_gauges(&metrics, &state.bundle.meta.calibration);
 
     // HTTP first, so /healthz answers while the rest starts.
     let addr = cfg.metrics.listen.clone();
@@ -787,11 +825,19 @@ fn update_lag(
         match consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_millis(500)) {
             Ok((_, high)) => {
                 reachable = true;
-                let point = tracker.lock().ok().and_then(|t| t.commit_point(tp)).unwrap_or(high);
-                metrics
-                    .consumer_lag
-                    .with_label_values(&[tp.0.as_str(), tp.1.to_string().as_str()])
-                    .set((high - point).max(0));
+                // Nothing read from this partition since it was assigned: the group's
+                // committed offset is the reference (a stuck pipeline must show lag).
+                let point = tracker
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.commit_point(tp))
+                    .or_else(|| group_committed(consumer, tp));
+                if let Some(point) = point {
+                    metrics
+                        .consumer_lag
+                        .with_label_values(&[tp.0.as_str(), tp.1.to_string().as_str()])
+                        .set((high - point).max(0));
+                }
             }
             Err(e) => tracing::debug!("watermarks of {}/{}: {e}", tp.0, tp.1),
         }
@@ -803,9 +849,20 @@ fn update_lag(
     metrics.broker_up.set(i64::from(reachable));
 }
 
+/// The group's committed offset of one partition, if it has one.
+fn group_committed(consumer: &BaseConsumer<ConsumerCtx>, tp: &TopicPartition) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let committed = consumer.committed_offsets(tpl, Duration::from_millis(500)).ok()?;
+    match committed.find_partition(&tp.0, tp.1)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
 /// What resolving thresholds needs from the bundle, kept for SIGHUP.
 struct Resolver {
-    calibration: crate::eval::calibration::Calibration,
+    calibration: Calibration,
     default_kind: ScoreKind,
     has_lr: bool,
 }
@@ -828,7 +885,7 @@ fn reload_thresholds(
     });
     match result {
         Ok(t) => {
-            update_threshold_gauges(metrics, running, &t);
+            update_threshold_gauges(metrics, running, &t, &resolver.calibration);
             if let Ok(mut w) = thresholds.write() {
                 *w = t;
             }

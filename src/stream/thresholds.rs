@@ -47,13 +47,10 @@ impl Thresholds {
                 (Some(v), _) => v,
                 (None, Some(fpr)) => {
                     let cal = cal.ok_or_else(|| bad(format!("the bundle has no calibration for {kind}")))?;
-                    let q = &cal.quantiles;
-                    if q.len() < 2 {
+                    if cal.quantiles.len() < 2 {
                         return Err(bad(format!("the bundle's {kind} calibration has no quantiles")));
                     }
-                    let pos = (1.0 - fpr) * (q.len() - 1) as f64;
-                    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-                    q[lo] + (q[hi] - q[lo]) * (pos - lo as f64)
+                    cal.id_quantile(1.0 - fpr)
                 }
                 (None, None) => cal
                     .map(|c| c.threshold)

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub consumer_paused: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub threshold: GaugeVec,
+    pub threshold_id_fpr: GaugeVec,
+    pub id_score_quantile: GaugeVec,
     pub model_info: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub config_reloads: IntCounterVec,
@@ -49,6 +51,12 @@ fn plain_histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> H
         .expect("valid metric definition");
     r.register(Box::new(h.clone())).expect("metric registered once");
     h
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
 }
 
 fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -159,15 +167,25 @@ impl Metrics {
                 "High watermark minus the committed point, per assigned partition.",
                 &["topic", "partition"],
             ),
-            threshold: {
-                let g = GaugeVec::new(
-                    Opts::new("dlsr_threshold", "Threshold in force per input topic."),
-                    &["topic", "kind"],
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            threshold: gauge_vec(
+                &r,
+                "dlsr_threshold",
+                "Threshold in force per input topic.",
+                &["topic", "kind"],
+            ),
+            threshold_id_fpr: gauge_vec(
+                &r,
+                "dlsr_threshold_id_fpr",
+                "Share of the bundle's held-out ID items above the threshold in force: the OOD rate \
+                 to expect while the stream is in distribution.",
+                &["topic", "kind"],
+            ),
+            id_score_quantile: gauge_vec(
+                &r,
+                "dlsr_id_score_quantile",
+                "Quantiles of the bundle's held-out ID scores, per score kind.",
+                &["kind", "quantile"],
+            ),
             model_info: int_gauge_vec(
                 &r,
                 "dlsr_model_info",

@@ -29,3 +29,18 @@ pub fn imagenet_photos() -> Vec<(PathBuf, i64)> {
 pub fn dlsr_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dlsr"))
 }
+
+/// A plain HTTP/1.0 GET: (status code, body). HTTP/1.0 so the server closes the
+/// connection and never chunks the body.
+pub fn http_get(addr: impl std::net::ToSocketAddrs, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_string()))
+}

@@ -27,7 +27,7 @@ struct Output {
     value: Vec<u8>,
 }
 
-fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+pub(crate) fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
     let c = MockCluster::new(1).unwrap();
     c.create_topic("images", 3, 1).unwrap();
     c.create_topic("dlsr-verdicts", 1, 1).unwrap();
@@ -36,7 +36,7 @@ fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>
     (c, b)
 }
 
-fn config(brokers: &str, group: &str) -> Config {
+pub(crate) fn config(brokers: &str, group: &str) -> Config {
     let mut cfg = Config::default();
     cfg.kafka.brokers = brokers.to_string();
     cfg.kafka.group_id = group.to_string();
@@ -50,7 +50,7 @@ fn config(brokers: &str, group: &str) -> Config {
     cfg
 }
 
-fn start(
+pub(crate) fn start(
     cfg: Config,
     control: Control,
     path: Option<std::path::PathBuf>,
@@ -62,7 +62,7 @@ fn start(
 }
 
 /// Publishes `fmnist` ID images (from `offset`), `mnist` OOD digits and the corrupt set.
-fn publish(brokers: &str, fmnist: usize, skip: usize, mnist: usize, corrupt: bool) -> Vec<String> {
+pub(crate) fn publish(brokers: &str, fmnist: usize, skip: usize, mnist: usize, corrupt: bool) -> Vec<String> {
     let mut p = Publisher::new(brokers, &[]).unwrap();
     let mut keys = Vec::new();
     let fm = DataSet::open(asset(dlsr::assets::fashion_mnist("t10k-images-idx3-ubyte.gz")).to_str().unwrap())
@@ -286,6 +286,75 @@ fn sighup_reload_changes_the_verdicts_of_later_messages() {
     assert!(text.contains("dlsr_config_reloads_total{result=\"rejected\"} 1"), "{text}");
     assert!(text.contains("dlsr_config_reloads_total{result=\"ok\"} 1"), "{text}");
     assert!(text.contains("dlsr_threshold{kind=\"mfsim\",topic=\"images\"} 10"), "{text}");
+    // The drift alarm's reference follows the reload: no ID item scores above 10.
+    assert!(text.contains("dlsr_threshold_id_fpr{kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn failed_deliveries_are_retried_with_backoff_and_nothing_is_lost() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (cluster, brokers) = cluster();
+    let keys = publish(&brokers, 12, 500, 0, false);
+    // Now the next four produce requests (the daemon's) fail with a permanent error, so
+    // librdkafka gives up on them at once and the daemon's own retry with backoff must
+    // re-send; offsets may not move past an undelivered output.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    let control = Control::default();
+    let (handle, metrics) = start(config(&brokers, "g-retry"), control.clone(), None);
+    let outputs = collect(&reader(&brokers, "r-retry"), keys.len(), Duration::from_secs(60));
+    control.shutdown.store(true, Ordering::Relaxed);
+    let summary = handle.join().unwrap();
+    let got: std::collections::BTreeSet<&str> = outputs.iter().map(|o| o.key.as_str()).collect();
+    for k in &keys {
+        assert!(got.contains(k.as_str()), "{k} has no output after retries: {summary:?}");
+    }
+    assert_eq!(summary.published as usize, keys.len(), "{summary:?}");
+    let text = metrics.render();
+    let errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("dlsr_delivery_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors >= 1.0, "no delivery error was counted:\n{text}");
+}
+
+#[test]
+fn readyz_goes_false_while_the_broker_is_down_and_recovers() {
+    let (cluster, brokers) = cluster();
+    let control = Control::default();
+    let (handle, metrics) = start(config(&brokers, "g-outage"), control.clone(), None);
+    let addr = || control.http_addr.lock().ok().and_then(|a| *a);
+    wait_until("the listener", Duration::from_secs(60), || addr().is_some());
+    let ready = || crate::common::http_get(addr().unwrap(), "/readyz").map(|(s, _)| s).unwrap_or(0);
+    wait_until("/readyz 200 at start", Duration::from_secs(60), || ready() == 200);
+    publish(&brokers, 5, 600, 0, false);
+
+    cluster.broker_down(1).unwrap();
+    wait_until("/readyz 503 with the broker down", Duration::from_secs(60), || ready() == 503);
+    assert!(metrics.render().contains("dlsr_broker_up 0"));
+    assert_eq!(crate::common::http_get(addr().unwrap(), "/healthz").unwrap().0, 200, "alive all along");
+
+    cluster.broker_up(1).unwrap();
+    wait_until("/readyz 200 after the broker is back", Duration::from_secs(60), || ready() == 200);
+    assert!(metrics.render().contains("dlsr_broker_up 1"));
+    // And it still works: the next messages get their verdicts.
+    let keys = publish(&brokers, 5, 700, 0, false);
+    let outputs = collect(&reader(&brokers, "r-outage"), 10, Duration::from_secs(60));
+    control.shutdown.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    let got: std::collections::BTreeSet<&str> = outputs.iter().map(|o| o.key.as_str()).collect();
+    assert!(keys.iter().all(|k| got.contains(k.as_str())), "messages after the outage were lost");
 }
 
 #[test]
