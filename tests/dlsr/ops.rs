@@ -1,0 +1,503 @@
+//! The operations kit: the alert rules under promtool (check and unit tests, and a
+//! changed parameter must break them), the Grafana dashboard's structure, a live
+//! Prometheus scraping the real daemon through an OOD burst, and the Docker files as far
+//! as they can be checked without a Docker engine.
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dlsr::stream::daemon::Control;
+use serde_json::Value;
+
+use crate::common::http_get;
+use crate::stream::{cluster, config, publish, start};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn prometheus_tool(name: &str) -> PathBuf {
+    let deps = std::env::var_os("DLSR_DEPS").map(PathBuf::from).unwrap_or_else(|| root().join(".deps"));
+    let path = deps.join("prometheus/bin").join(name);
+    assert!(path.exists(), "{} is missing: run scripts/setup-ops-tools.sh", path.display());
+    path
+}
+
+fn rules_dir() -> PathBuf {
+    root().join("dashboards/prometheus")
+}
+
+/// Runs `promtool test rules` on the shipped tests against `rules` (a rule file's text).
+fn promtool_test_rules(rules: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dlsr-rules.yml"), rules).unwrap();
+    std::fs::copy(rules_dir().join("dlsr-rules.test.yml"), dir.path().join("dlsr-rules.test.yml")).unwrap();
+    let out = Command::new(prometheus_tool("promtool"))
+        .args(["test", "rules", "dlsr-rules.test.yml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn alert_names(rules: &str) -> BTreeSet<String> {
+    rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).map(|s| s.trim().to_string()).collect()
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_every_alert_has_fire_and_no_fire_cases() {
+    let check = Command::new(prometheus_tool("promtool"))
+        .arg("check")
+        .arg("config")
+        .arg(rules_dir().join("prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "promtool check: {}", String::from_utf8_lossy(&check.stdout));
+
+    let rules = std::fs::read_to_string(rules_dir().join("dlsr-rules.yml")).unwrap();
+    let (ok, out) = promtool_test_rules(&rules);
+    assert!(ok && out.contains("SUCCESS"), "promtool test rules failed:\n{out}");
+
+    // Every alert appears in the tests both with expected alerts and with none.
+    let tests: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(rules_dir().join("dlsr-rules.test.yml")).unwrap())
+            .unwrap();
+    let mut fires = BTreeSet::new();
+    let mut silent = BTreeSet::new();
+    for t in tests["tests"].as_sequence().unwrap() {
+        for case in t["alert_rule_test"].as_sequence().unwrap() {
+            let name = case["alertname"].as_str().unwrap().to_string();
+            if case["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty()) {
+                fires.insert(name);
+            } else {
+                silent.insert(name);
+            }
+        }
+    }
+    let alerts = alert_names(&rules);
+    assert!(alerts.len() >= 7, "{alerts:?}");
+    for a in &alerts {
+        assert!(fires.contains(a), "{a} has no firing case");
+        assert!(silent.contains(a), "{a} has no silent case");
+        let anchor = format!("## {a}");
+        let runbook = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+        assert!(runbook.contains(&anchor), "docs/operations.md has no section {anchor:?}");
+    }
+}
+
+#[test]
+fn the_rule_tests_catch_a_changed_parameter() {
+    let rules = std::fs::read_to_string(rules_dir().join("dlsr-rules.yml")).unwrap();
+    for (from, to) in [
+        (
+            "record: dlsr:alert_param:ood_rate_factor\n        expr: vector(3)",
+            "record: dlsr:alert_param:ood_rate_factor\n        expr: vector(30)",
+        ),
+        (
+            "record: dlsr:alert_param:dead_letter_ratio\n        expr: vector(0.01)",
+            "record: dlsr:alert_param:dead_letter_ratio\n        expr: vector(0.5)",
+        ),
+    ] {
+        assert!(rules.contains(from), "rule file changed shape: {from:?} not found");
+        let (ok, out) = promtool_test_rules(&rules.replace(from, to));
+        assert!(!ok, "rule tests still pass with {to:?}:\n{out}");
+    }
+}
+
+/// Every panel of the dashboard with its PromQL expressions.
+fn dashboard() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("dashboards/dlsr.json")).unwrap()).unwrap()
+}
+
+fn panels(d: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        out.push(p);
+        if let Some(inner) = p["panels"].as_array() {
+            out.extend(inner);
+        }
+    }
+    out
+}
+
+fn expressions(d: &Value) -> Vec<(String, String)> {
+    panels(d)
+        .into_iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_string();
+            p["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn dashboard_is_provisioning_ready() {
+    let d = dashboard();
+    assert_eq!(d["uid"], "dlsr-ood-stream");
+    assert!(d["schemaVersion"].as_u64().unwrap() >= 36);
+    let vars = d["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no ${name}"));
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    assert!(var("topic")["definition"].as_str().unwrap().contains("topic"));
+    assert_eq!(var("topic")["datasource"]["uid"], "${datasource}");
+
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    let rules = std::fs::read_to_string(rules_dir().join("dlsr-rules.yml")).unwrap();
+    for p in panels(&d) {
+        let title = p["title"].as_str().unwrap();
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate panel id at {title}");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24, "{title} is wider than the grid");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(cells.insert((cx, cy)), "{title} overlaps another panel at ({cx}, {cy})");
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        let what = p["description"].as_str().unwrap_or_default();
+        assert!(what.len() >= 60, "{title}: the description must say what to read from it");
+        if p["type"] != "alertlist" {
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+            assert!(!p["targets"].as_array().unwrap().is_empty(), "{title} has no query");
+        }
+    }
+    for (title, expr) in expressions(&d) {
+        assert!(!expr.is_empty(), "{title}: empty expression");
+        // Recording rules the dashboard uses must exist in the rule file.
+        for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+            if word.starts_with("dlsr:") {
+                assert!(
+                    rules.contains(&format!("record: {word}")),
+                    "{title}: {word} is not a recording rule"
+                );
+            }
+        }
+    }
+}
+
+// --- live Prometheus -----------------------------------------------------------------
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// GET against Prometheus' HTTP API; the JSON body whatever the status code.
+fn api(port: u16, path: &str) -> Value {
+    let (status, body) = http_get(("127.0.0.1", port), path).unwrap();
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}), HTTP {status}: {body}"))
+}
+
+fn query(port: u16, expr: &str) -> Value {
+    api(port, &format!("/api/v1/query?query={}", percent_encode(expr)))
+}
+
+fn scalar_of(v: &Value) -> Option<f64> {
+    v["data"]["result"].as_array()?.first()?["value"][1].as_str()?.parse().ok()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The project's scrape configuration, pointed at `target`, with 1 s scrape and rule
+/// intervals so the test runs in seconds; everything else as shipped.
+fn test_prometheus_config(target: &str, rules: &Path) -> String {
+    let shipped = std::fs::read_to_string(rules_dir().join("prometheus.yml")).unwrap();
+    let mut cfg = shipped.clone();
+    for (from, to) in [
+        ("\"dlsr:9464\"".to_string(), format!("\"{target}\"")),
+        ("scrape_interval: 15s".to_string(), "scrape_interval: 1s".to_string()),
+        ("evaluation_interval: 15s".to_string(), "evaluation_interval: 1s".to_string()),
+        ("- dlsr-rules.yml".to_string(), format!("- {}", rules.display())),
+    ] {
+        assert!(cfg.contains(&from), "prometheus.yml changed shape: {from:?} not found");
+        cfg = cfg.replace(&from, &to);
+    }
+    cfg
+}
+
+fn alert_states(port: u16, name: &str) -> Vec<String> {
+    api(port, "/api/v1/alerts")["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["labels"]["alertname"] == name)
+        .map(|a| a["state"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every_dashboard_query() {
+    let (_cluster, brokers) = cluster();
+    let control = Control::default();
+    let (handle, _metrics) = start(config(&brokers, "g-ops"), control.clone(), None);
+    wait_for("the metrics listener", Duration::from_secs(60), || {
+        control.http_addr.lock().map(|a| a.is_some()).unwrap_or(false)
+    });
+    let target = control.http_addr.lock().unwrap().unwrap().to_string();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("prometheus.yml");
+    std::fs::write(&cfg_path, test_prometheus_config(&target, &rules_dir().join("dlsr-rules.yml"))).unwrap();
+    let port = free_port();
+    let _prometheus = KillOnDrop(
+        Command::new(prometheus_tool("prometheus"))
+            .arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && scalar_of(&query(port, r#"up{job="dlsr"}"#)) == Some(1.0)
+    });
+
+    // In-distribution traffic (and a few corrupt messages): no drift alarm.
+    let id_items = publish(&brokers, 150, 300, 0, true).len();
+    wait_for("the ID phase to be scraped", Duration::from_secs(120), || {
+        let consumed = scalar_of(&query(port, "sum(dlsr_messages_consumed_total)"));
+        consumed == Some(id_items as f64) && scalar_of(&query(port, "dlsr:ood_ratio:rate10m")).is_some()
+    });
+    std::thread::sleep(Duration::from_secs(3)); // a few rule evaluations on the final counts
+    let id_ratio = scalar_of(&query(port, "dlsr:ood_ratio:rate10m")).unwrap();
+    let alert_line = scalar_of(&query(
+        port,
+        "max(dlsr_threshold_id_fpr) * scalar(dlsr:alert_param:ood_rate_factor) + scalar(dlsr:alert_param:ood_rate_margin)",
+    ))
+    .unwrap();
+    assert!(id_ratio < alert_line, "ID traffic alone is over the alert line: {id_ratio} >= {alert_line}");
+    assert!(alert_states(port, "DlsrOodRateHigh").is_empty(), "drift alarm on in-distribution traffic");
+
+    // An OOD burst: the drift alert goes pending (its `for:` is 10 minutes).
+    let ood_items = publish(&brokers, 0, 0, 300, false).len();
+    wait_for("DlsrOodRateHigh to go pending or firing", Duration::from_secs(180), || {
+        alert_states(port, "DlsrOodRateHigh").iter().any(|s| s == "pending" || s == "firing")
+    });
+    wait_for("every message to be scraped", Duration::from_secs(60), || {
+        scalar_of(&query(port, "sum(dlsr_messages_consumed_total)")) == Some((id_items + ood_items) as f64)
+    });
+    std::thread::sleep(Duration::from_secs(6)); // the lag gauge updates every 5 s
+
+    // Every dashboard query evaluates, and returns data unless its metric only exists
+    // after an event this stream does not cause.
+    let kinds = query(port, "group by (kind) (dlsr_threshold)");
+    let kind = kinds["data"]["result"][0]["metric"]["kind"].as_str().expect("no score kind").to_string();
+    let event_only = ["dlsr_delivery_errors_total", "dlsr_config_reloads_total"];
+    let d = dashboard();
+    let mut checked = 0;
+    for v in d["templating"]["list"].as_array().unwrap() {
+        if let Some(def) = v["definition"].as_str() {
+            let (metric, label) = def
+                .trim_start_matches("label_values(")
+                .trim_end_matches(')')
+                .split_once(", ")
+                .expect("label_values(metric, label)");
+            let r = query(port, &format!("group by ({label}) ({metric})"));
+            assert!(!r["data"]["result"].as_array().unwrap().is_empty(), "variable {def} has no values");
+        }
+    }
+    for (title, expr) in expressions(&d) {
+        let concrete = expr.replace("$__rate_interval", "1m").replace("$topic", ".*").replace("$kind", &kind);
+        assert!(!concrete.contains('$'), "{title}: unknown variable in {expr}");
+        let r = query(port, &concrete);
+        assert_eq!(r["status"], "success", "{title}: {expr} -> {r}");
+        if !event_only.iter().any(|m| expr.contains(m)) {
+            let n = r["data"]["result"].as_array().map_or(0, |a| a.len());
+            assert!(n > 0, "{title}: {concrete} returned no data");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} expressions");
+    let grafana: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("docker/grafana/provisioning/alerting/dlsr.yml")).unwrap(),
+    )
+    .unwrap();
+    let expr = grafana["groups"][0]["rules"][0]["data"][0]["model"]["expr"].as_str().unwrap();
+    assert_eq!(query(port, expr)["status"], "success", "Grafana alert rule: {expr}");
+
+    control.shutdown.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+}
+
+// --- Docker (no engine here: lint and structure) ---------------------------------------
+
+fn docker_file(rel: &str) -> String {
+    std::fs::read_to_string(root().join("docker").join(rel)).unwrap_or_else(|e| panic!("docker/{rel}: {e}"))
+}
+
+fn yaml(rel: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(&docker_file(rel)).unwrap_or_else(|e| panic!("docker/{rel}: {e}"))
+}
+
+/// The Dockerfile's stages: name -> its instruction lines (continuations joined).
+fn dockerfile_stages() -> Vec<(String, Vec<String>)> {
+    let text = docker_file("Dockerfile").replace("\\\n", " ");
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let name = from.split(" AS ").nth(1).expect("every stage is named").trim().to_string();
+            stages.push((name, Vec::new()));
+        } else if let Some((_, lines)) = stages.last_mut() {
+            lines.push(line.to_string());
+        }
+    }
+    stages
+}
+
+#[test]
+fn dockerfile_passes_hadolint_and_both_runtimes_are_non_root_with_a_health_check() {
+    let lint = Command::new(
+        std::env::var_os("DLSR_DEPS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join(".deps"))
+            .join("bin/hadolint"),
+    )
+    .arg(root().join("docker/Dockerfile"))
+    .output()
+    .expect("hadolint is missing: run scripts/setup-ops-tools.sh");
+    assert!(lint.status.success(), "hadolint:\n{}", String::from_utf8_lossy(&lint.stdout));
+
+    let stages = dockerfile_stages();
+    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["build", "cpu", "cuda"]);
+    for (name, lines) in &stages {
+        for l in lines.iter().filter(|l| l.starts_with("COPY --from=")) {
+            let from = l["COPY --from=".len()..].split_whitespace().next().unwrap();
+            assert!(names.contains(&from) && from != name, "{name}: COPY from unknown stage {from}");
+        }
+        if name == "build" {
+            continue;
+        }
+        let user =
+            lines.iter().find_map(|l| l.strip_prefix("USER ")).unwrap_or_else(|| panic!("{name}: no USER"));
+        assert!(!["root", "0"].contains(&user.trim()), "{name} runs as root");
+        assert!(
+            lines.iter().any(|l| l.starts_with("HEALTHCHECK") && l.contains("/healthz")),
+            "{name}: no health check"
+        );
+        assert!(lines.iter().any(|l| l == "ENTRYPOINT [\"dlsr\"]"), "{name}: entrypoint");
+    }
+    // The CUDA stage installs exactly the torch wheel setup-libtorch.sh pins by sha256.
+    let setup = std::fs::read_to_string(root().join("scripts/setup-libtorch.sh")).unwrap();
+    let wheel = "torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl";
+    assert!(setup.contains(wheel));
+    assert!(stages[2].1.iter().any(|l| l.contains("pip install") && l.contains(wheel)));
+}
+
+#[test]
+fn compose_file_wires_kafka_dlsr_prometheus_and_grafana_together() {
+    let compose = yaml("compose.yml");
+    let services = compose["services"].as_mapping().unwrap();
+    for s in ["kafka", "dlsr", "dlsr-gpu", "prometheus", "grafana"] {
+        assert!(services.contains_key(s), "no service {s}");
+    }
+    assert!(!serde_yaml::to_string(&compose["services"]).unwrap().to_lowercase().contains("zookeeper"));
+    let kafka = &compose["services"]["kafka"];
+    assert!(
+        kafka["environment"]["KAFKA_PROCESS_ROLES"].as_str().unwrap().contains("controller"),
+        "not KRaft"
+    );
+    assert!(kafka["healthcheck"]["test"].is_sequence());
+
+    // Every bind mount's host side exists in the repository.
+    let mut mounts = Vec::new();
+    for (name, svc) in services {
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let v = v.as_str().unwrap();
+            let host = v.split(':').next().unwrap();
+            if host.starts_with('.') {
+                let path = root().join("docker").join(host);
+                assert!(path.exists(), "{name:?}: mount source {host} does not exist");
+                mounts.push((
+                    name.as_str().unwrap().to_string(),
+                    host.to_string(),
+                    v.split(':').nth(1).unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    let mount = |svc: &str, host: &str| {
+        mounts
+            .iter()
+            .find(|(s, h, _)| s == svc && h == host)
+            .map(|(_, _, c)| c.clone())
+            .unwrap_or_else(|| panic!("{svc} does not mount {host}"))
+    };
+    assert_eq!(mount("prometheus", "../dashboards/prometheus"), "/etc/prometheus");
+    let dash_dir = mount("grafana", "../dashboards");
+    assert_eq!(mount("grafana", "./grafana/provisioning"), "/etc/grafana/provisioning");
+    assert_eq!(mount("dlsr", "./dlsr.toml"), "/etc/dlsr/dlsr.toml");
+    let stages: Vec<String> = dockerfile_stages().into_iter().map(|(n, _)| n).collect();
+    for s in ["dlsr", "dlsr-gpu"] {
+        let target = compose["services"][s]["build"]["target"].as_str().unwrap().to_string();
+        assert!(stages.contains(&target), "{s}: no stage {target}");
+    }
+
+    // The daemon's compose config is valid, reaches the kafka service and listens where
+    // Prometheus scrapes.
+    let cfg = dlsr::config::Config::load(Some(&root().join("docker/dlsr.toml"))).expect("docker/dlsr.toml");
+    cfg.validate().expect("docker/dlsr.toml validates");
+    assert!(cfg.kafka.brokers.split(',').all(|b| b.starts_with("kafka:")), "{}", cfg.kafka.brokers);
+    assert!(cfg.model.bundle.starts_with(mount("dlsr", "./models")));
+    let port = cfg.metrics.listen.rsplit(':').next().unwrap().to_string();
+    let prom = std::fs::read_to_string(rules_dir().join("prometheus.yml")).unwrap();
+    assert!(prom.contains(&format!("\"dlsr:{port}\"")), "Prometheus does not scrape dlsr:{port}");
+
+    // Grafana: the dashboards provider reads where the dashboards are mounted, and the
+    // alert rule queries the provisioned datasource.
+    let provider = yaml("grafana/provisioning/dashboards/dlsr.yml");
+    assert_eq!(provider["providers"][0]["options"]["path"].as_str().unwrap(), dash_dir);
+    let ds = yaml("grafana/provisioning/datasources/prometheus.yml");
+    let uid = ds["datasources"][0]["uid"].as_str().unwrap().to_string();
+    assert_eq!(ds["datasources"][0]["url"], "http://prometheus:9090");
+    let alerting = yaml("grafana/provisioning/alerting/dlsr.yml");
+    let rule = &alerting["groups"][0]["rules"][0];
+    assert_eq!(rule["data"][0]["datasourceUid"].as_str().unwrap(), uid);
+    assert_eq!(alerting["policies"][0]["receiver"], alerting["contactPoints"][0]["name"]);
+}
