@@ -602,6 +602,14 @@ pub fn run(
         ])
         .set(1);
     update_threshold_gauges(&metrics, &cfg, &thresholds, &state.bundle.meta.calibration);
+    // Series at 0 from the start: rate() then counts the first messages too, and an OOD
+    // rate exists (0) for a topic that never had an OOD verdict.
+    for topic in &cfg.kafka.input_topics {
+        metrics.consumed.with_label_values(&[topic.as_str()]);
+        for verdict in ["id", "ood"] {
+            metrics.verdicts.with_label_values(&[topic.as_str(), verdict]);
+        }
+    }
     set_id_quantile_gauges(&metrics, &state.bundle.meta.calibration);
 
     // HTTP first, so /healthz answers while the rest starts.
@@ -717,6 +725,7 @@ pub fn run(
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             update_lag(&consumer, &tracker, &metrics, &health);
+            crate::memory::release_free_memory();
             last_lag = Instant::now();
         }
         if !paused && in_flight >= limit {
