@@ -29,12 +29,21 @@ pub async fn serve(
         let Ok((mut stream, _)) = accepted else { continue };
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
+            // Read up to the end of the headers: a request may arrive in several
+            // segments, and answering the first alone would misread it.
             let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let mut n = 0;
+            let read_head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
             };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await.is_err() || n == 0 {
+                return;
+            }
             let request = String::from_utf8_lossy(&buf[..n]);
             let mut parts = request.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -55,6 +64,41 @@ pub async fn serve(
             );
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request split over several TCP segments is read whole, not answered from its
+    /// first piece.
+    #[test]
+    fn a_request_in_pieces_is_answered_as_a_whole() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let metrics = Arc::new(Metrics::new(vec![0.0]));
+            let health = Arc::new(Health { ready: AtomicBool::new(true) });
+            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(serve(listener, metrics, health, stop_rx));
+            for (pieces, want) in [
+                (vec!["GET /rea", "dyz HTTP/1.0\r\n", "\r\n"], "HTTP/1.1 200 OK"),
+                (vec!["GET /nope HTTP/1.0\r\n\r\n"], "HTTP/1.1 404 Not Found"),
+                (vec!["POST /metrics HTTP/1.0\r\n\r\n"], "HTTP/1.1 405"),
+            ] {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                for p in pieces {
+                    s.write_all(p.as_bytes()).await.unwrap();
+                    s.flush().await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                }
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                assert!(out.starts_with(want), "{out}");
+            }
         });
     }
 }
