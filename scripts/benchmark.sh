@@ -6,7 +6,10 @@
 #   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
 #   scripts/benchmark.sh score   `dlsr score` throughput, batch 64, with/without encoder
 #   scripts/benchmark.sh daemon  messages/s through a real broker (tansu) vs offline
-#                                `dlsr score`, latency at half that rate, memory over time
+#                                `dlsr score`, latency at half that rate, memory over time;
+#                                env: SIZE (input px, 64), N (messages per batch, 10000),
+#                                MEM_CHUNKS (more batches for the memory curve, 9),
+#                                FIT_LIMIT (training images, 5000)
 # Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
 # Results land in runs/bench-<mode>/; each run prints a summary table.
 set -euo pipefail
@@ -20,7 +23,7 @@ A="${DLSR_ASSETS:-.deps/assets}"
 TRAIN="$A/fashion-mnist/train-images-idx3-ubyte.gz"
 TEST="$A/fashion-mnist/t10k-images-idx3-ubyte.gz"
 MNIST="$A/mnist/mnist_5k.csv.gz"
-OUT="runs/bench-$MODE"; mkdir -p "$OUT"
+OUT="runs/bench-$MODE${SIZE:+-$SIZE}"; mkdir -p "$OUT"
 # A private cache so that encoding time is measured, not skipped.
 export DLSR_CACHE="$OUT/cache"; rm -rf "$DLSR_CACHE"
 
@@ -67,7 +70,8 @@ PY
     "$BIN" features --data "$TEST" --limit 4096 --input-size 64 --batch-size 64 -q | grep time ;;
   daemon)
     N="${N:-10000}"
-    "$BIN" -q fit --data "$TRAIN" --limit 5000 --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
+    "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-5000}" --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
+    { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
     python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac

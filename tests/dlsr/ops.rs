@@ -415,7 +415,10 @@ fn dockerfile_passes_hadolint_and_its_runtime_is_non_root_with_a_health_check() 
     let runtime = &stages[3].1;
     let user = runtime.iter().find_map(|l| l.strip_prefix("USER ")).expect("runtime: no USER");
     assert!(!["root", "0"].contains(&user.trim()), "the runtime runs as root");
-    assert!(runtime.iter().any(|l| l.starts_with("HEALTHCHECK") && l.contains("/healthz")), "no health check");
+    assert!(
+        runtime.iter().any(|l| l.starts_with("HEALTHCHECK") && l.contains("/healthz")),
+        "no health check"
+    );
     assert!(runtime.iter().any(|l| l == "ENTRYPOINT [\"dlsr\"]"), "entrypoint");
     // The runtime starts from `<RUNTIME>-base`; both bases exist.
     let from = docker_file("Dockerfile").lines().find(|l| l.ends_with(" AS runtime")).unwrap().to_string();
