@@ -172,19 +172,29 @@ impl ProducerContext for ProducerCtx {
                     let _ = tx.send(delivery.ack.clone());
                 }
             }
-            Err((err, msg)) => {
-                self.metrics.delivery_errors.with_label_values(&[delivery.topic.as_str()]).inc();
-                tracing::warn!(topic = %delivery.topic, attempt = delivery.attempt, "delivery failed, will retry: {err}");
-                let retry = Retry {
+            Err((err, msg)) => self.retry_later(
+                Retry {
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     headers: owned_headers(msg.headers()),
-                    delivery: Delivery { attempt: delivery.attempt + 1, ..*delivery },
-                };
-                if let Ok(tx) = self.retries.lock() {
-                    let _ = tx.send(retry);
-                }
-            }
+                    delivery: *delivery,
+                },
+                err,
+            ),
+        }
+    }
+}
+
+impl ProducerCtx {
+    /// Counts a failed or refused record and hands it to the retry loop (backoff by
+    /// attempt). It stays unacknowledged, so its offset is not committed meanwhile.
+    fn retry_later(&self, mut retry: Retry, err: &KafkaError) {
+        let topic = retry.delivery.topic.as_str();
+        self.metrics.delivery_errors.with_label_values(&[topic]).inc();
+        tracing::warn!(%topic, attempt = retry.delivery.attempt, "delivery failed, will retry: {err}");
+        retry.delivery.attempt += 1;
+        if let Ok(tx) = self.retries.lock() {
+            let _ = tx.send(retry);
         }
     }
 }
@@ -215,21 +225,10 @@ fn produce(producer: &KafkaProducer, r: Retry, shutdown_hard: &AtomicBool) {
             }
             Err((e, back)) => {
                 // librdkafka refuses at once what it knows will fail (e.g. a topic error
-                // cached from an earlier delivery). Back to the retry loop with backoff,
-                // like a failed delivery: never dropped, never committed undelivered.
-                let delivery = back.delivery_opaque;
-                let ctx = producer.context();
-                ctx.metrics.delivery_errors.with_label_values(&[topic.as_str()]).inc();
-                tracing::warn!(%topic, attempt = delivery.attempt, "producer refused a record, will retry: {e}");
-                let retry = Retry {
-                    key: r.key,
-                    payload: r.payload,
-                    headers: r.headers,
-                    delivery: Delivery { attempt: delivery.attempt + 1, ..*delivery },
-                };
-                if let Ok(tx) = ctx.retries.lock() {
-                    let _ = tx.send(retry);
-                }
+                // cached from an earlier delivery): retried like a failed delivery.
+                let delivery = *back.delivery_opaque;
+                let retry = Retry { key: r.key, payload: r.payload, headers: r.headers, delivery };
+                producer.context().retry_later(retry, &e);
                 return;
             }
         }
