@@ -217,11 +217,11 @@ impl Metrics {
 pub fn score_buckets(calibration: &crate::eval::calibration::Calibration, thresholds: &[f64]) -> Vec<f64> {
     let mut edges = thresholds.to_vec();
     for c in calibration.scores.values() {
-        let q = &c.quantiles;
-        if q.len() < 2 {
+        if c.quantiles.len() < 2 {
             continue;
         }
-        let at = |p: f64| q[((q.len() - 1) as f64 * p).round() as usize];
+        // The same quantiles the daemon exports as dlsr_id_score_quantile.
+        let at = |p: f64| c.id_quantile(p);
         for p in [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0] {
             edges.push(at(p));
         }
