@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 
-use crate::common::{asset, dlsr_bin};
+use crate::common::{asset, dlsr_bin, free_port};
 
 struct Tansu {
     child: Child,
@@ -26,7 +26,7 @@ impl Tansu {
     fn start() -> Tansu {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/bin/tansu");
         assert!(bin.exists(), "{} missing: run scripts/fetch-assets.sh", bin.display());
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
             .args([

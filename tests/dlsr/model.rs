@@ -188,21 +188,13 @@ fn calibrate_rewrites_thresholds_and_reports_unreachable_targets() {
     std::fs::copy(&f.bundle, &copy).unwrap();
     let cache = f.dir.path().join("cache");
     let test = fmnist("t10k-images-idx3-ubyte.gz");
-    let (ok, stdout, stderr) = run(
-        &[
-            "-q",
-            "calibrate",
-            "--model",
-            copy.to_str().unwrap(),
-            "--data",
-            &test,
-            "--limit",
-            "400",
-            "--target-fpr",
-            "0.1",
-        ],
-        &cache,
-    );
+    let calibrate = |limit: &str, target_fpr: &str| {
+        let args = ["-q", "calibrate", "--model", copy.to_str().unwrap(), "--data", &test];
+        let args: Vec<&str> =
+            args.into_iter().chain(["--limit", limit, "--target-fpr", target_fpr]).collect();
+        run(&args, &cache)
+    };
+    let (ok, stdout, stderr) = calibrate("400", "0.1");
     assert!(ok, "{stderr}");
     assert!(stdout.contains("calibration at target FPR 10.00% on 400 held-out items"), "{stdout}");
     let meta = dlsr::model::bundle::read_meta(&copy).unwrap();
@@ -210,21 +202,7 @@ fn calibrate_rewrites_thresholds_and_reports_unreachable_targets() {
     let mfsim = &meta.calibration.scores[&dlsr::model::score::ScoreKind::Mfsim];
     assert!((mfsim.achieved_fpr - 0.1).abs() < 0.01, "{}", mfsim.achieved_fpr);
 
-    let (ok, stdout, _) = run(
-        &[
-            "-q",
-            "calibrate",
-            "--model",
-            copy.to_str().unwrap(),
-            "--data",
-            &test,
-            "--limit",
-            "10",
-            "--target-fpr",
-            "0.05",
-        ],
-        &cache,
-    );
+    let (ok, stdout, _) = calibrate("10", "0.05");
     assert!(ok);
     assert!(stdout.contains("NOT ACHIEVABLE") && stdout.contains("needs at least 20"), "{stdout}");
 }

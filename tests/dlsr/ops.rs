@@ -4,27 +4,32 @@
 //! as they can be checked without a Docker engine.
 
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dlsr::stream::daemon::Control;
 use serde_json::Value;
 
-use crate::common::http_get;
+use crate::common::{free_port, http_get, wait_until};
 use crate::stream::{cluster, config, publish, start};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn prometheus_tool(name: &str) -> PathBuf {
+/// A tool scripts/setup-ops-tools.sh installs, by its path under `.deps` (or $DLSR_DEPS).
+fn ops_tool(rel: &str) -> PathBuf {
     let deps = std::env::var_os("DLSR_DEPS").map(PathBuf::from).unwrap_or_else(|| root().join(".deps"));
-    let path = deps.join("prometheus/bin").join(name);
+    let path = deps.join(rel);
     assert!(path.exists(), "{} is missing: run scripts/setup-ops-tools.sh", path.display());
     path
+}
+
+fn prometheus_tool(name: &str) -> PathBuf {
+    ops_tool(&format!("prometheus/bin/{name}"))
 }
 
 fn rules_dir() -> PathBuf {
@@ -197,10 +202,6 @@ fn dashboard_is_provisioning_ready() {
 
 // --- live Prometheus -----------------------------------------------------------------
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -222,14 +223,6 @@ fn query(port: u16, expr: &str) -> Value {
 
 fn scalar_of(v: &Value) -> Option<f64> {
     v["data"]["result"].as_array()?.first()?["value"][1].as_str()?.parse().ok()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ok() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 struct KillOnDrop(Child);
@@ -273,7 +266,7 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
     let (_cluster, brokers) = cluster();
     let control = Control::default();
     let (handle, _metrics) = start(config(&brokers, "g-ops"), control.clone(), None);
-    wait_for("the metrics listener", Duration::from_secs(60), || {
+    wait_until("the metrics listener", Duration::from_secs(60), || {
         control.http_addr.lock().map(|a| a.is_some()).unwrap_or(false)
     });
     let target = control.http_addr.lock().unwrap().unwrap().to_string();
@@ -293,14 +286,14 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
             .spawn()
             .unwrap(),
     );
-    wait_for("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+    wait_until("Prometheus to scrape the daemon", Duration::from_secs(60), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
             && scalar_of(&query(port, r#"up{job="dlsr"}"#)) == Some(1.0)
     });
 
     // In-distribution traffic (and a few corrupt messages): no drift alarm.
     let id_items = publish(&brokers, 150, 300, 0, true).len();
-    wait_for("the ID phase to be scraped", Duration::from_secs(120), || {
+    wait_until("the ID phase to be scraped", Duration::from_secs(120), || {
         let consumed = scalar_of(&query(port, "sum(dlsr_messages_consumed_total)"));
         consumed == Some(id_items as f64) && scalar_of(&query(port, "dlsr:ood_ratio:rate10m")).is_some()
     });
@@ -316,10 +309,10 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
 
     // An OOD burst: the drift alert goes pending (its `for:` is 10 minutes).
     let ood_items = publish(&brokers, 0, 0, 300, false).len();
-    wait_for("DlsrOodRateHigh to go pending or firing", Duration::from_secs(180), || {
+    wait_until("DlsrOodRateHigh to go pending or firing", Duration::from_secs(180), || {
         alert_states(port, "DlsrOodRateHigh").iter().any(|s| s == "pending" || s == "firing")
     });
-    wait_for("every message to be scraped", Duration::from_secs(60), || {
+    wait_until("every message to be scraped", Duration::from_secs(60), || {
         scalar_of(&query(port, "sum(dlsr_messages_consumed_total)")) == Some((id_items + ood_items) as f64)
     });
     std::thread::sleep(Duration::from_secs(6)); // the lag gauge updates every 5 s
@@ -392,15 +385,7 @@ fn dockerfile_stages() -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn dockerfile_passes_hadolint_and_its_runtime_is_non_root_with_a_health_check() {
-    let lint = Command::new(
-        std::env::var_os("DLSR_DEPS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join(".deps"))
-            .join("bin/hadolint"),
-    )
-    .arg(root().join("docker/Dockerfile"))
-    .output()
-    .expect("hadolint is missing: run scripts/setup-ops-tools.sh");
+    let lint = Command::new(ops_tool("bin/hadolint")).arg(root().join("docker/Dockerfile")).output().unwrap();
     assert!(lint.status.success(), "hadolint:\n{}", String::from_utf8_lossy(&lint.stdout));
 
     let stages = dockerfile_stages();

@@ -18,7 +18,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::common::asset;
+use crate::common::{asset, wait_until};
 
 struct Output {
     topic: String,
@@ -288,14 +288,6 @@ fn sighup_reload_changes_the_verdicts_of_later_messages() {
     assert!(text.contains("dlsr_threshold{kind=\"mfsim\",topic=\"images\"} 10"), "{text}");
     // The drift alarm's reference follows the reload: no ID item scores above 10.
     assert!(text.contains("dlsr_threshold_id_fpr{kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ok() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
