@@ -12,7 +12,96 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DecodeLimits;
 use crate::device::DeviceSpec;
+use crate::model::encoder::Precision;
 use crate::model::score::ScoreKind;
+
+/// (De)serialises a choice through its `FromStr` and `Display`, so the file spells it
+/// as a string and the rest of the program only sees the parsed value.
+mod as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Earliest => "earliest",
+            Self::Latest => "latest",
+        }
+    }
+}
+
+/// librdkafka's `security.protocol` (Unset: librdkafka's default, plaintext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SecurityProtocol {
+    #[default]
+    Unset,
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn is_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+impl std::str::FromStr for SecurityProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" => Ok(Self::Unset),
+            "plaintext" => Ok(Self::Plaintext),
+            "ssl" => Ok(Self::Ssl),
+            "sasl_plaintext" => Ok(Self::SaslPlaintext),
+            "sasl_ssl" => Ok(Self::SaslSsl),
+            other => Err(format!("{other:?}: must be plaintext, ssl, sasl_plaintext or sasl_ssl")),
+        }
+    }
+}
+
+impl std::fmt::Display for SecurityProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unset => "",
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,6 +115,33 @@ pub enum ConfigError {
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// Pass-through properties that dlsr sets itself, or that would break at-least-once
+/// delivery (a verdict lost, or an input committed before its output was acknowledged).
+fn refuse_property(key: &str, value: &str) -> Result<(), ConfigError> {
+    let name = format!("kafka.properties.{key}");
+    let v = value.trim().to_ascii_lowercase();
+    match key {
+        "bootstrap.servers" => Err(invalid(&name, "is set by dlsr itself; use kafka.brokers")),
+        "group.id" => Err(invalid(&name, "is set by dlsr itself; use kafka.group_id")),
+        "sasl.password" => Err(invalid(&name, "secrets never go in the file; use kafka.security.sasl_password_env")),
+        "message.max.bytes" => Err(invalid(&name, "is set by dlsr itself; use kafka.message_max_bytes")),
+        "enable.auto.commit" | "enable.auto.offset.store" => Err(invalid(
+            &name,
+            "dlsr commits an offset only after the input's output was acknowledged; automatic \
+             commits or offset stores would commit unfinished work (at-least-once would break)",
+        )),
+        "enable.idempotence" if v != "true" => Err(invalid(
+            &name,
+            "must stay true: without idempotence a retried delivery can duplicate or reorder outputs",
+        )),
+        "acks" | "request.required.acks" if !["all", "-1"].contains(&v.as_str()) => Err(invalid(
+            &name,
+            format!("{value:?} would let a broker failure lose acknowledged outputs; only all (-1) keeps at-least-once"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -66,7 +182,7 @@ pub struct KafkaConfig {
     /// `flagged` (only OOD verdicts) or `all`.
     pub publish: Publish,
     /// Where a new group starts: `earliest` or `latest`.
-    pub auto_offset_reset: String,
+    pub auto_offset_reset: OffsetReset,
     /// How often stored offsets are committed, in milliseconds.
     pub commit_interval_ms: u64,
     /// Consumer group session timeout, in milliseconds.
@@ -74,6 +190,18 @@ pub struct KafkaConfig {
     /// How long the producer keeps retrying a message before giving up (its input is then
     /// not committed and is re-read after a restart), in milliseconds.
     pub delivery_timeout_ms: u64,
+    /// Largest record the producer sends, in bytes (librdkafka's `message.max.bytes`; keep
+    /// it at or below the brokers' and the topics' limits). A dead letter whose original
+    /// value would not fit carries the value cut to fit, plus `dlsr-original-length`,
+    /// `dlsr-original-sha256` and `dlsr-value-truncated` headers; the original stays in
+    /// the input topic at `dlsr-source-topic/partition/offset`.
+    pub message_max_bytes: usize,
+    /// How long an output topic may refuse records with a permanent error (authorization,
+    /// unknown topic, record too large, ...) before the daemon exits non-zero so that the
+    /// orchestrator restarts it and pages, in milliseconds. Meanwhile it is not ready,
+    /// exports `dlsr_output_blocked{topic,code}`, logs the reason once a minute, retries
+    /// the refused records and commits nothing past them.
+    pub output_blocked_exit_ms: u64,
     pub security: SecurityConfig,
     /// Other librdkafka properties, passed through to consumer and producer as given.
     pub properties: BTreeMap<String, String>,
@@ -88,10 +216,12 @@ impl Default for KafkaConfig {
             output_topic: "dlsr-verdicts".into(),
             dead_letter_topic: "dlsr-dead-letters".into(),
             publish: Publish::Flagged,
-            auto_offset_reset: "earliest".into(),
+            auto_offset_reset: OffsetReset::Earliest,
             commit_interval_ms: 2000,
             session_timeout_ms: 10_000,
             delivery_timeout_ms: 120_000,
+            message_max_bytes: 1_000_000,
+            output_blocked_exit_ms: 300_000,
             security: SecurityConfig::default(),
             properties: BTreeMap::new(),
         }
@@ -101,8 +231,9 @@ impl Default for KafkaConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
-    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
-    pub protocol: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl` (empty: plaintext).
+    #[serde(with = "as_string")]
+    pub protocol: SecurityProtocol,
     /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (SASL protocols only).
     pub sasl_mechanism: String,
     pub sasl_username: String,
@@ -140,9 +271,11 @@ pub struct ModelConfig {
     /// The bundle written by `dlsr fit`.
     pub bundle: PathBuf,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    #[serde(with = "as_string")]
+    pub device: DeviceSpec,
     /// `f32`, or on CUDA `f16` / `bf16`.
-    pub precision: String,
+    #[serde(with = "as_string")]
+    pub precision: Precision,
     /// Encoder override (must have the bundle's weights checksum); empty: the bundle's.
     pub encoder: String,
 }
@@ -151,8 +284,8 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             bundle: PathBuf::from("model.safetensors"),
-            device: "auto".into(),
-            precision: "f32".into(),
+            device: DeviceSpec::Auto,
+            precision: Precision::F32,
             encoder: String::new(),
         }
     }
@@ -226,14 +359,14 @@ impl Default for MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter: `info`, `dlsr=debug,rdkafka=warn`, ...
     pub level: String,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: "text".into(), level: "info".into() }
+        Self { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -299,21 +432,11 @@ impl Config {
                 ));
             }
         }
-        if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
-            return Err(invalid("kafka.auto_offset_reset", "must be earliest or latest"));
-        }
         if k.commit_interval_ms == 0 {
             return Err(invalid("kafka.commit_interval_ms", "must be positive"));
         }
         let s = &k.security;
-        let proto = s.protocol.to_ascii_lowercase();
-        if !["", "plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&proto.as_str()) {
-            return Err(invalid(
-                "kafka.security.protocol",
-                "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
-            ));
-        }
-        if proto.starts_with("sasl") {
+        if s.protocol.is_sasl() {
             if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&s.sasl_mechanism.as_str()) {
                 return Err(invalid(
                     "kafka.security.sasl_mechanism",
@@ -330,26 +453,15 @@ impl Config {
                 ));
             }
         }
-        for key in k.properties.keys() {
-            let managed = [
-                "bootstrap.servers",
-                "group.id",
-                "enable.auto.commit",
-                "enable.auto.offset.store",
-                "sasl.password",
-            ];
-            if managed.contains(&key.as_str()) {
-                return Err(invalid(
-                    &format!("kafka.properties.{key}"),
-                    "is set by dlsr itself; use the dedicated key",
-                ));
-            }
+        if !(4096..=1_000_000_000).contains(&k.message_max_bytes) {
+            return Err(invalid("kafka.message_max_bytes", "must be in 4096..=1000000000"));
         }
-        self.model.device.parse::<DeviceSpec>().map_err(|e| invalid("model.device", e.to_string()))?;
-        self.model
-            .precision
-            .parse::<crate::model::encoder::Precision>()
-            .map_err(|e| invalid("model.precision", e))?;
+        if k.output_blocked_exit_ms < 1000 {
+            return Err(invalid("kafka.output_blocked_exit_ms", "must be at least 1000"));
+        }
+        for (key, value) in &k.properties {
+            refuse_property(key, value)?;
+        }
         let p = &self.pipeline;
         if p.batch_max_size == 0 || p.batch_max_size > 4096 {
             return Err(invalid("pipeline.batch_max_size", "must be in 1..=4096"));
@@ -364,9 +476,6 @@ impl Config {
         self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|e| {
             invalid("metrics.listen", format!("{:?} is not host:port ({e})", self.metrics.listen))
         })?;
-        if !["text", "json"].contains(&self.log.format.as_str()) {
-            return Err(invalid("log.format", "must be text or json"));
-        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
@@ -452,6 +561,18 @@ mod tests {
         assert!(err.to_string().contains("not both"), "{err}");
         let err = with("[kafka]\noutput_topic = \"images\"\n").unwrap_err();
         assert!(err.to_string().contains("kafka.output_topic"), "{err}");
+        for (text, key) in [
+            ("[model]\ndevice = \"tpu\"\n", "model.device"),
+            ("[model]\nprecision = \"f8\"\n", "model.precision"),
+            ("[kafka]\nauto_offset_reset = \"middle\"\n", "kafka.auto_offset_reset"),
+            ("[kafka.security]\nprotocol = \"carrier_pigeon\"\n", "kafka.security.protocol"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+        ] {
+            let err = with(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let cfg = with("[kafka.security]\nprotocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\nsasl_password_env = \"X\"\n").unwrap();
+        assert_eq!(cfg.kafka.security.protocol, SecurityProtocol::SaslSsl, "parsed once, case-insensitively");
         let err = with("[pipeline]\nbatch_max_size = 0\n").unwrap_err();
         assert!(err.to_string().contains("pipeline.batch_max_size"), "{err}");
         let err = with(
@@ -460,6 +581,26 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("sasl_password"), "{err}");
         assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
+    }
+
+    #[test]
+    fn properties_that_break_at_least_once_are_refused_with_the_reason() {
+        for (key, value, needle) in [
+            ("enable.idempotence", "false", "idempotence"),
+            ("acks", "1", "at-least-once"),
+            ("request.required.acks", "0", "at-least-once"),
+            ("enable.auto.commit", "true", "acknowledged"),
+            ("enable.auto.offset.store", "true", "acknowledged"),
+            ("message.max.bytes", "5000000", "kafka.message_max_bytes"),
+        ] {
+            let err = with(&format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(&format!("kafka.properties.{key}")) && text.contains(needle), "{text}");
+        }
+        // What keeps the guarantees is accepted.
+        with("[kafka.properties]\nacks = \"all\"\n\"enable.idempotence\" = \"true\"\n").unwrap();
+        let err = with("[kafka]\nmessage_max_bytes = 10\n").unwrap_err();
+        assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
     }
 
     #[test]

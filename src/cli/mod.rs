@@ -2,6 +2,7 @@
 //! edge of the program, so it reports errors with `anyhow` context; everything it calls
 //! returns typed errors.
 
+pub mod demo;
 mod doctor;
 mod features;
 mod model_cmds;

@@ -38,10 +38,20 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let control = Control::default();
     crate::shutdown::forward_signals(control.shutdown.clone(), control.reload.clone());
     let cfg = Config::load(args.config.as_deref())?;
-    crate::telemetry::init_logging(&cfg.log.format, &cfg.log.level);
+    crate::telemetry::init_logging(cfg.log.format, &cfg.log.level);
     let metrics = metrics_for(&cfg)?;
     let summary = daemon::run(cfg, args.config.clone(), control, metrics)?;
     eprintln!("{}", serde_json::to_string(&summary)?);
+    if summary.threads_left_running > 0 {
+        // A scorer still inside a libtorch call when the drain deadline came: leave
+        // without running exit-time destructors under its feet (everything that
+        // matters, the final commit included, is done).
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        let _ = std::io::stdout().flush();
+        // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
+        unsafe { libc::_exit(0) };
+    }
     Ok(())
 }
 
@@ -126,8 +136,8 @@ pub struct DemoArgs {
 }
 
 pub fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
-    crate::telemetry::init_logging("text", "warn");
-    let opts = crate::stream::demo::DemoOptions {
+    crate::telemetry::init_logging(crate::config::LogFormat::Text, "warn");
+    let opts = super::demo::DemoOptions {
         bundle: args.bundle.clone(),
         id_images: args.id_images,
         ood_images: args.ood_images,
@@ -136,7 +146,7 @@ pub fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
         device: args.device.clone(),
         quiet,
     };
-    let report = crate::stream::demo::run(&opts)?;
+    let report = super::demo::run(&opts)?;
     if !report.complete {
         bail!("the demo stopped before every message had its verdict or dead letter");
     }

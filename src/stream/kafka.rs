@@ -4,16 +4,16 @@
 
 use rdkafka::ClientConfig;
 
-use crate::config::{Config, ConfigError, KafkaConfig};
+use crate::config::{Config, ConfigError, KafkaConfig, SecurityProtocol};
 
 fn common(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     let s = &k.security;
-    if !s.protocol.is_empty() {
-        c.set("security.protocol", s.protocol.to_ascii_lowercase());
+    if s.protocol != SecurityProtocol::Unset {
+        c.set("security.protocol", s.protocol.to_string());
     }
-    if s.protocol.to_ascii_lowercase().starts_with("sasl") {
+    if s.protocol.is_sasl() {
         c.set("sasl.mechanism", &s.sasl_mechanism).set("sasl.username", &s.sasl_username);
         if let Some(pw) =
             Config::secret("kafka.security.sasl_password_env", &s.sasl_password_env, &s.sasl_password_file)?
@@ -49,7 +49,7 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     c.set("group.id", &k.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("auto.offset.reset", k.auto_offset_reset.as_str())
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("enable.partition.eof", "false")
@@ -67,6 +67,8 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
 pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = common(k)?;
     c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.max.bytes", k.message_max_bytes.to_string())
         .set("message.timeout.ms", k.delivery_timeout_ms.to_string())
         .set("linger.ms", "5")
         .set("retry.backoff.ms", "100")

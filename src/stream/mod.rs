@@ -1,11 +1,22 @@
-//! The streaming side: the daemon ([`daemon`]), its offset bookkeeping ([`offsets`]),
-//! thresholds ([`thresholds`]), output records ([`message`]), librdkafka settings
-//! ([`kafka`]) and the publisher used for demos, load tests and backfills ([`publish`]).
+//! The streaming side, one module per stage of the daemon's data flow:
+//! - [`consumer`]: group membership, rebalances, pause/resume, commits, lag;
+//! - [`scorer`]: decode workers, batcher, the [`scorer::ItemScorer`] seam, verdicts;
+//! - [`producer`]: output records, deliveries, retries, dead letters, blocked outputs;
+//! - [`daemon`]: wires the stages, the main loop, faults and shutdown.
+//!
+//! Around them: offset bookkeeping ([`offsets`]), byte-exact headers ([`headers`]),
+//! supervised threads ([`supervise`]), thresholds ([`thresholds`]), output record formats
+//! ([`message`]), librdkafka settings ([`kafka`]) and the publisher used for demos, load
+//! tests and backfills ([`publish`]).
 
+pub mod consumer;
 pub mod daemon;
-pub mod demo;
+pub mod headers;
 pub mod kafka;
 pub mod message;
 pub mod offsets;
+pub mod producer;
 pub mod publish;
+pub mod scorer;
+pub mod supervise;
 pub mod thresholds;

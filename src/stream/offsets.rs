@@ -6,11 +6,27 @@
 //! Each assignment of a partition gets a generation number: acknowledgements of messages
 //! read under an earlier assignment (before a revoke) are ignored, so a partition that
 //! moved away and came back cannot be committed past work it never finished.
+//!
+//! Work of a revoked partition may still be in the pipeline (channels, the scorer, the
+//! producer's retry queue): it stays counted as in flight ("orphaned") until its late
+//! acknowledgement or release arrives, so back-pressure sees everything the pipeline
+//! holds. A commit point counts as committed only once the commit succeeded
+//! ([`OffsetTracker::mark_committed`]); a failed commit is tried again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 /// (topic, partition)
 pub type TopicPartition = (String, i32);
+
+/// A message's output was acknowledged by the broker (or it had nothing to publish, or
+/// its abandoned work is released after a revoke): the tracker may move past it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    /// The assignment the message was read under ([`OffsetTracker::dispatch`]).
+    pub generation: u64,
+}
 
 #[derive(Debug, Default)]
 struct PartitionState {
@@ -26,6 +42,8 @@ struct PartitionState {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: BTreeMap<TopicPartition, PartitionState>,
+    /// Still in the pipeline after their partition was revoked, by (partition, generation).
+    orphaned: BTreeMap<(TopicPartition, u64), BTreeSet<i64>>,
     generation: u64,
 }
 
@@ -41,8 +59,18 @@ impl OffsetTracker {
     /// Stops tracking revoked partitions; late acknowledgements for them are ignored.
     pub fn revoke(&mut self, tps: impl IntoIterator<Item = TopicPartition>) {
         for tp in tps {
-            self.partitions.remove(&tp);
+            if let Some(p) = self.partitions.remove(&tp) {
+                if !p.pending.is_empty() {
+                    self.orphaned.insert((tp, p.generation), p.pending);
+                }
+            }
         }
+    }
+
+    /// Whether work read under `generation` still belongs to this assignment (false once
+    /// its partition was revoked: its output may then be abandoned).
+    pub fn is_current(&self, tp: &TopicPartition, generation: u64) -> bool {
+        self.partitions.get(tp).is_some_and(|p| p.generation == generation)
     }
 
     /// Records a consumed message; returns the generation its acknowledgement must carry,
@@ -54,11 +82,22 @@ impl OffsetTracker {
         Some(p.generation)
     }
 
-    /// Acknowledges a message's output. Returns false when it belongs to an old generation.
+    /// Acknowledges a message's output (or releases work abandoned after a revoke).
+    /// Returns false when it belongs to an old generation: it then only leaves the
+    /// in-flight count.
     pub fn ack(&mut self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
         match self.partitions.get_mut(tp) {
             Some(p) if p.generation == generation => p.pending.remove(&offset),
-            _ => false,
+            _ => {
+                let key = (tp.clone(), generation);
+                if let Some(set) = self.orphaned.get_mut(&key) {
+                    set.remove(&offset);
+                    if set.is_empty() {
+                        self.orphaned.remove(&key);
+                    }
+                }
+                false
+            }
         }
     }
 
@@ -69,19 +108,24 @@ impl OffsetTracker {
         p.pending.first().copied().or(p.next)
     }
 
-    /// Commit points that moved since the last call.
-    pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
-        let mut out = Vec::new();
-        for (tp, p) in self.partitions.iter_mut() {
-            let point = p.pending.first().copied().or(p.next);
-            if let Some(point) = point {
-                if p.committed != Some(point) {
-                    p.committed = Some(point);
-                    out.push((tp.clone(), point));
-                }
+    /// Commit points that differ from the last successful commit.
+    pub fn due_commits(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(tp, p)| {
+                let point = p.pending.first().copied().or(p.next)?;
+                (p.committed != Some(point)).then(|| (tp.clone(), point))
+            })
+            .collect()
+    }
+
+    /// Records a successful commit (never before the broker confirmed it).
+    pub fn mark_committed(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            if p.committed.is_none_or(|c| c < offset) {
+                p.committed = Some(offset);
             }
         }
-        out
     }
 
     /// Commit points of the given partitions (for a synchronous commit on revoke).
@@ -89,9 +133,11 @@ impl OffsetTracker {
         tps.iter().filter_map(|tp| self.commit_point(tp).map(|o| (tp.clone(), o))).collect()
     }
 
-    /// Messages dispatched and not yet acknowledged, over all partitions.
+    /// Messages dispatched and not yet acknowledged or released, over all partitions,
+    /// including those of revoked partitions that are still in the pipeline.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.pending.len()).sum()
+        self.partitions.values().map(|p| p.pending.len()).sum::<usize>()
+            + self.orphaned.values().map(BTreeSet::len).sum::<usize>()
     }
 
     pub fn assigned(&self) -> Vec<TopicPartition> {
@@ -122,8 +168,10 @@ mod tests {
         assert_eq!(t.in_flight(), 1);
         assert!(t.ack(&tp(0), 10, g));
         assert_eq!(t.commit_point(&tp(0)), Some(13));
-        assert_eq!(t.take_commits(), vec![(tp(0), 13)]);
-        assert!(t.take_commits().is_empty(), "an unchanged point is not committed twice");
+        assert_eq!(t.due_commits(), vec![(tp(0), 13)]);
+        assert_eq!(t.due_commits(), vec![(tp(0), 13)], "due until a commit succeeded");
+        t.mark_committed(&tp(0), 13);
+        assert!(t.due_commits().is_empty(), "an unchanged point is not committed twice");
     }
 
     #[test]
@@ -136,7 +184,10 @@ mod tests {
         t.assign([tp(1)]);
         let new = t.dispatch(&tp(1), 5).unwrap();
         assert_ne!(old, new);
+        assert_eq!(t.in_flight(), 2, "the revoked work is still in the pipeline");
+        assert!(!t.is_current(&tp(1), old));
         assert!(!t.ack(&tp(1), 5, old));
+        assert_eq!(t.in_flight(), 1, "its late acknowledgement leaves the in-flight count");
         assert_eq!(t.commit_point(&tp(1)), Some(5));
         assert!(t.ack(&tp(1), 5, new));
         assert_eq!(t.commit_point(&tp(1)), Some(6));

@@ -4,9 +4,10 @@
 //! quantiles and include every configured threshold as an edge, so
 //! `rate(dlsr_score_bucket{le="<threshold>"})` is exactly the ID-accepted rate.
 
+use crate::model::score::ScoreKind;
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -31,6 +32,11 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub broker_up: IntGauge,
+    pub output_blocked: IntGaugeVec,
+    pub retry_queue: IntGauge,
+    pub scoring_splits: IntCounter,
+    pub commit_errors: IntCounter,
+    pub dead_letters_truncated: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -57,6 +63,12 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec 
     let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(g.clone())).expect("metric registered once");
     g
+}
+
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
 }
 
 fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -109,8 +121,9 @@ impl Metrics {
             delivery_errors: counter(
                 &r,
                 "dlsr_delivery_errors_total",
-                "Failed deliveries of verdicts or dead letters (retried with backoff).",
-                &["topic"],
+                "Failed or refused deliveries of verdicts or dead letters, by librdkafka error code \
+                 (retried: transient ones with backoff, permanent ones block the output).",
+                &["topic", "code"],
             ),
             score: histogram(
                 &r,
@@ -200,8 +213,126 @@ impl Metrics {
                 &["result"],
             ),
             broker_up: int_gauge(&r, "dlsr_broker_up", "1 while the brokers answer."),
+            output_blocked: int_gauge_vec(
+                &r,
+                "dlsr_output_blocked",
+                "1 while an output topic refuses records with a permanent error (code): the \
+                 daemon is not ready, keeps the inputs uncommitted and exits after \
+                 kafka.output_blocked_exit_ms.",
+                &["topic", "code"],
+            ),
+            retry_queue: int_gauge(
+                &r,
+                "dlsr_retry_queue",
+                "Output records waiting for their next delivery attempt.",
+            ),
+            scoring_splits: int_counter(
+                &r,
+                "dlsr_scoring_splits_total",
+                "Scoring batches that failed and were split in halves to isolate the failing item.",
+            ),
+            commit_errors: int_counter(
+                &r,
+                "dlsr_commit_errors_total",
+                "Offset commits that failed (retried at the next commit interval).",
+            ),
+            dead_letters_truncated: counter(
+                &r,
+                "dlsr_dead_letters_truncated_total",
+                "Dead letters whose original value did not fit kafka.message_max_bytes and was cut.",
+                &["topic"],
+            ),
             registry: r,
         }
+    }
+
+    // Typed recording methods: the label order and the label values of every series the
+    // pipeline writes are defined here once.
+
+    /// A message read from an input topic.
+    pub fn record_consumed(&self, topic: &str) {
+        self.consumed.with_label_values(&[topic]).inc();
+    }
+
+    /// Series at 0 from the start, so rate() counts the first messages too and an OOD rate
+    /// exists (0) for a topic that never had an OOD verdict.
+    pub fn start_topic(&self, topic: &str) {
+        self.consumed.with_label_values(&[topic]);
+        for verdict in ["id", "ood"] {
+            self.verdicts.with_label_values(&[topic, verdict]);
+        }
+    }
+
+    pub fn record_verdict(&self, topic: &str, is_ood: bool) {
+        self.verdicts.with_label_values(&[topic, if is_ood { "ood" } else { "id" }]).inc();
+    }
+
+    /// `code` comes from a bounded set (decode error codes, `scoring_failed`, ...).
+    pub fn record_dead_letter(&self, topic: &str, code: &str) {
+        self.dead_letters.with_label_values(&[topic, code]).inc();
+    }
+
+    pub fn record_dead_letter_truncated(&self, topic: &str) {
+        self.dead_letters_truncated.with_label_values(&[topic]).inc();
+    }
+
+    /// `code` is a librdkafka error code name (a bounded set).
+    pub fn record_delivery_error(&self, topic: &str, code: &str) {
+        self.delivery_errors.with_label_values(&[topic, code]).inc();
+    }
+
+    pub fn set_output_blocked(&self, topic: &str, code: &str, blocked: bool) {
+        if blocked {
+            self.output_blocked.with_label_values(&[topic, code]).set(1);
+        } else {
+            let _ = self.output_blocked.remove_label_values(&[topic, code]);
+        }
+    }
+
+    pub fn record_score(&self, topic: &str, kind: ScoreKind, value: f64) {
+        self.score.with_label_values(&[topic, kind.name()]).observe(value);
+    }
+
+    pub fn record_layer_cosine(&self, layer: usize, cosine: f64) {
+        self.layer_cosine.with_label_values(&[layer.to_string().as_str()]).observe(cosine);
+    }
+
+    pub fn record_end_to_end(&self, topic: &str, seconds: f64) {
+        self.end_to_end_seconds.with_label_values(&[topic]).observe(seconds);
+    }
+
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.consumer_lag.with_label_values(&[topic, partition.to_string().as_str()]).set(lag);
+    }
+
+    pub fn remove_lag(&self, topic: &str, partition: i32) {
+        let _ = self.consumer_lag.remove_label_values(&[topic, partition.to_string().as_str()]);
+    }
+
+    pub fn set_threshold(&self, topic: &str, kind: ScoreKind, value: f64, id_fpr: Option<f64>) {
+        self.threshold.with_label_values(&[topic, kind.name()]).set(value);
+        if let Some(fpr) = id_fpr {
+            self.threshold_id_fpr.with_label_values(&[topic, kind.name()]).set(fpr);
+        }
+    }
+
+    pub fn clear_thresholds(&self) {
+        self.threshold.reset();
+        self.threshold_id_fpr.reset();
+    }
+
+    pub fn set_id_quantile(&self, kind: ScoreKind, quantile: &str, value: f64) {
+        self.id_score_quantile.with_label_values(&[kind.name(), quantile]).set(value);
+    }
+
+    pub fn set_model_info(&self, bundle: &str, sha256: &str, encoder: &str, input_size: i64) {
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        self.model_info.with_label_values(&[bundle, sha256, encoder, input_size.to_string().as_str()]).set(1);
+    }
+
+    /// `ok` or `rejected`.
+    pub fn record_reload(&self, ok: bool) {
+        self.config_reloads.with_label_values(&[if ok { "ok" } else { "rejected" }]).inc();
     }
 
     /// The text exposition format.

@@ -4,11 +4,12 @@
 pub mod http;
 pub mod metrics;
 
-/// Installs the tracing subscriber: `format` is `text` or `json`, `level` a filter.
-pub fn init_logging(format: &str, level: &str) {
+/// Installs the tracing subscriber: `level` is a filter.
+pub fn init_logging(format: crate::config::LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second initialisation (tests, demo) keeps the first subscriber.
-    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let _ =
+        if format == crate::config::LogFormat::Json { builder.json().try_init() } else { builder.try_init() };
 }

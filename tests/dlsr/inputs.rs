@@ -76,7 +76,7 @@ fn text_named_jpg_is_unsupported_format() {
     assert_eq!(err.code(), "unsupported_format");
 }
 
-use dlsr::stream::demo::png_claiming;
+use dlsr::cli::demo::png_claiming;
 
 #[test]
 fn decompression_bomb_is_refused_before_allocation() {

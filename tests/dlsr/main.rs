@@ -9,4 +9,5 @@ mod encoders;
 mod inputs;
 mod model;
 mod ops;
+mod pipeline;
 mod stream;

@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::ClientConfig;
 
-use super::daemon::{self, Control};
-use super::publish::{item_bytes, Publisher};
 use crate::config::{Config, Publish};
 use crate::data::DataSet;
+use crate::stream::daemon::{self, Control};
+use crate::stream::publish::{item_bytes, Publisher};
 use crate::telemetry::metrics::{score_buckets, Metrics};
 
 pub struct DemoOptions {
@@ -150,7 +150,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     cfg.kafka.publish = Publish::All;
     cfg.kafka.commit_interval_ms = 500;
     cfg.model.bundle = opts.bundle.clone();
-    cfg.model.device = opts.device.clone();
+    cfg.model.device = opts.device.parse()?;
     cfg.metrics.listen = opts.metrics_listen.clone();
     cfg.log.level = "warn".into();
     cfg.validate()?;
@@ -239,9 +239,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
             };
             if msg.topic() == "dlsr-dead-letters" {
                 report.dead_letters += 1;
-                let code = msg
-                    .headers()
-                    .and_then(|h| h.iter().find(|x| x.key == "dlsr-error-code").and_then(|x| x.value))
+                // Dead letters carry the input's headers, whose keys may be any bytes.
+                let headers = crate::stream::headers::read(&msg);
+                let code = crate::stream::headers::find(&headers, "dlsr-error-code")
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
                 dead_lines.push(format!("  {id:<32} {code}"));

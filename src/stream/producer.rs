@@ -1,0 +1,644 @@
+//! The producer stage: output records (verdicts and dead letters), their deliveries,
+//! retries and the failure policy. Nothing a message produces is dropped: a record is
+//! acknowledged to the offset tracker only once the broker confirmed it, so its input is
+//! never committed before.
+//!
+//! Failure policy, by class of delivery error ([`classify`]):
+//! - **transient** (broker down, timeouts, leader changes, throttling): librdkafka retries
+//!   on its own until `kafka.delivery_timeout_ms`, then the record comes back here and is
+//!   sent again after an exponential backoff (100 ms doubling to 10 s);
+//! - **permanent** (authorization, unknown topic, record too large, invalid record): the
+//!   output topic is *blocked*: `dlsr_output_blocked{topic,code}` = 1, the daemon turns
+//!   not ready, the reason is logged once a minute, the record is retried every 1 s
+//!   doubling to 30 s (so a fixed ACL or a created topic recovers by itself) and its
+//!   input stays uncommitted; after `kafka.output_blocked_exit_ms` the daemon exits
+//!   non-zero so that the orchestrator restarts it and pages;
+//! - **fatal** (the idempotent producer's fatal error): the producer cannot go on; the
+//!   daemon records a fault and exits non-zero.
+//!
+//! Records that cannot fit are never produced: a dead letter's original value is cut to
+//! fit `kafka.message_max_bytes` (headers say so, with the original's length and
+//! sha256; the original stays in the input topic), and a verdict that would not fit (an
+//! input with huge headers or key) becomes a dead letter with code `output_too_large`.
+//!
+//! Retries are scheduled by deadline on one thread (a heap of due times; no per-record
+//! sleep) and are dropped, with their work released, when their partition was revoked
+//! (the new owner re-reads from the commit point) or at the hard stop of a shutdown.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+use super::consumer::Work;
+use super::daemon::Counters;
+use super::headers::{self, Header};
+use super::offsets::{Ack, OffsetTracker};
+use super::supervise::Faults;
+use crate::telemetry::metrics::Metrics;
+
+/// Room left in every record for Kafka's own framing (record batch header, lengths).
+pub const RECORD_OVERHEAD_BYTES: usize = 1024;
+/// Longest `dlsr-error` text carried by a dead letter.
+const ERROR_TEXT_MAX: usize = 1000;
+
+/// One record for an output topic and the acknowledgement its delivery releases.
+#[derive(Debug, Clone)]
+pub struct OutputRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<Header>,
+    pub ack: Ack,
+    /// Delivery attempts that failed so far.
+    pub attempt: u32,
+    /// Whether the last failure was permanent (sets the backoff).
+    pub permanent: bool,
+}
+
+impl OutputRecord {
+    /// Bytes the record occupies, without Kafka's framing.
+    pub fn len(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.len() + headers::payload_len(&self.headers)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How the daemon treats a delivery error (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Transient,
+    Permanent,
+    Fatal,
+}
+
+pub fn classify(code: Option<RDKafkaErrorCode>) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match code {
+        Some(C::Fatal) => ErrorClass::Fatal,
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::UnknownTopicOrPartition
+            | C::UnknownTopic
+            | C::InvalidTopic
+            | C::InvalidRecord
+            | C::InvalidMessage
+            | C::InvalidRequiredAcks
+            | C::PolicyViolation
+            | C::UnsupportedForMessageFormat,
+        ) => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A bounded label value for an error: librdkafka's code name in snake case.
+pub fn code_name(err: &KafkaError) -> String {
+    match err.rdkafka_error_code() {
+        Some(code) => snake_case(&format!("{code:?}")),
+        None => "other".into(),
+    }
+}
+
+fn snake_case(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The delay before a failed record's next attempt.
+pub fn backoff(attempt: u32, permanent: bool) -> Duration {
+    if permanent {
+        Duration::from_millis((1000u64 << attempt.min(5)).min(30_000))
+    } else {
+        Duration::from_millis((100u64 << attempt.min(7)).min(10_000))
+    }
+}
+
+struct Block {
+    code: String,
+    since: Instant,
+    last_log: Option<Instant>,
+    reason: String,
+}
+
+/// Output topics that refuse records with a permanent error, and since when.
+pub struct OutputBlocks {
+    blocked: Mutex<BTreeMap<String, Block>>,
+    metrics: Arc<Metrics>,
+}
+
+impl OutputBlocks {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { blocked: Mutex::new(BTreeMap::new()), metrics }
+    }
+
+    fn refused(&self, topic: &str, code: &str, reason: &str) {
+        let Ok(mut blocked) = self.blocked.lock() else { return };
+        let entry = blocked.entry(topic.to_string()).or_insert_with(|| Block {
+            code: code.to_string(),
+            since: Instant::now(),
+            last_log: None,
+            reason: reason.to_string(),
+        });
+        if entry.code != code {
+            self.metrics.set_output_blocked(topic, &entry.code, false);
+            entry.code = code.to_string();
+            entry.reason = reason.to_string();
+        }
+        self.metrics.set_output_blocked(topic, code, true);
+    }
+
+    fn delivered(&self, topic: &str) {
+        let Ok(mut blocked) = self.blocked.lock() else { return };
+        if let Some(b) = blocked.remove(topic) {
+            self.metrics.set_output_blocked(topic, &b.code, false);
+            tracing::info!(%topic, "output topic accepts records again after {:.0?}", b.since.elapsed());
+        }
+    }
+
+    /// The topic blocked longest: (topic, code, for how long).
+    pub fn longest(&self) -> Option<(String, String, Duration)> {
+        let blocked = self.blocked.lock().ok()?;
+        blocked
+            .iter()
+            .max_by_key(|(_, b)| b.since.elapsed())
+            .map(|(t, b)| (t.clone(), b.code.clone(), b.since.elapsed()))
+    }
+
+    /// Logs each blocked topic's reason, at most once a minute.
+    pub fn log_periodically(&self, exit_after: Duration) {
+        let Ok(mut blocked) = self.blocked.lock() else { return };
+        for (topic, b) in blocked.iter_mut() {
+            if b.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                b.last_log = Some(Instant::now());
+                tracing::error!(
+                    %topic,
+                    code = %b.code,
+                    "output blocked for {:.0?}: the topic refuses records ({}); inputs stay uncommitted; \
+                     the daemon exits after {:.0?} blocked (kafka.output_blocked_exit_ms)",
+                    b.since.elapsed(),
+                    b.reason,
+                    exit_after
+                );
+            }
+        }
+    }
+}
+
+/// librdkafka's producer callbacks: acknowledgements on success, the failure policy
+/// otherwise.
+pub struct ProducerCtx {
+    acks: Mutex<Sender<Ack>>,
+    retries: Mutex<Sender<OutputRecord>>,
+    metrics: Arc<Metrics>,
+    counters: Arc<Counters>,
+    blocks: Arc<OutputBlocks>,
+    faults: Arc<Faults>,
+}
+
+impl ClientContext for ProducerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.faults.record(format!("the producer hit a fatal error and cannot go on: {reason}"));
+        } else {
+            tracing::warn!("kafka producer error: {error} ({reason})");
+        }
+    }
+}
+
+/// What a delivery report carries back: the record's acknowledgement and attempt count
+/// (its key, value and headers are read back from the report).
+pub struct DeliveryTag {
+    ack: Ack,
+    attempt: u32,
+}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Box<DeliveryTag>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<DeliveryTag>) {
+        match result {
+            Ok(msg) => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+                self.blocks.delivered(msg.topic());
+                if let Ok(tx) = self.acks.lock() {
+                    let _ = tx.send(tag.ack);
+                }
+            }
+            Err((err, msg)) => {
+                let record = OutputRecord {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: headers::read(msg),
+                    ack: tag.ack,
+                    attempt: tag.attempt,
+                    permanent: false,
+                };
+                self.failed(record, err);
+            }
+        }
+    }
+}
+
+impl ProducerCtx {
+    /// Applies the failure policy to a record that failed or was refused, then hands it
+    /// to the retry scheduler. It stays unacknowledged, so its input is not committed.
+    fn failed(&self, mut record: OutputRecord, err: &KafkaError) {
+        let code = code_name(err);
+        self.metrics.record_delivery_error(&record.topic, &code);
+        let class = classify(err.rdkafka_error_code());
+        match class {
+            ErrorClass::Fatal => {
+                self.faults.record(format!("delivery to {} failed fatally: {err}", record.topic))
+            }
+            ErrorClass::Permanent => {
+                self.blocks.refused(&record.topic, &code, &err.to_string());
+                tracing::debug!(topic = %record.topic, attempt = record.attempt, "refused: {err}");
+            }
+            ErrorClass::Transient => {
+                tracing::warn!(topic = %record.topic, attempt = record.attempt, "delivery failed, will retry: {err}")
+            }
+        }
+        record.permanent = class != ErrorClass::Transient;
+        record.attempt += 1;
+        if let Ok(tx) = self.retries.lock() {
+            let _ = tx.send(record);
+        }
+    }
+}
+
+pub type KafkaProducer = ThreadedProducer<ProducerCtx>;
+
+/// Where the output topics' settings live for the stage.
+#[derive(Debug, Clone)]
+pub struct OutputTopics {
+    pub verdicts: String,
+    pub dead_letters: String,
+    pub message_max_bytes: usize,
+}
+
+/// The stage's handle: what the decode workers, the scorer and the retry scheduler call.
+pub struct Output {
+    pub producer: Arc<KafkaProducer>,
+    pub topics: OutputTopics,
+    /// Set at the end of a shutdown's drain: nothing more is produced or retried.
+    pub hard_stop: Arc<AtomicBool>,
+    acks: Sender<Ack>,
+    metrics: Arc<Metrics>,
+    counters: Arc<Counters>,
+}
+
+impl Output {
+    /// Creates the idempotent producer and the retry channel it reports failures to.
+    pub fn create(
+        config: rdkafka::ClientConfig,
+        topics: OutputTopics,
+        acks: Sender<Ack>,
+        metrics: Arc<Metrics>,
+        counters: Arc<Counters>,
+        blocks: Arc<OutputBlocks>,
+        faults: Arc<Faults>,
+    ) -> Result<(Self, Receiver<OutputRecord>), KafkaError> {
+        let (retry_tx, retry_rx) = std::sync::mpsc::channel();
+        let ctx = ProducerCtx {
+            acks: Mutex::new(acks.clone()),
+            retries: Mutex::new(retry_tx),
+            metrics: metrics.clone(),
+            counters: counters.clone(),
+            blocks,
+            faults,
+        };
+        let producer: KafkaProducer = config.create_with_context(ctx)?;
+        let output = Self {
+            producer: Arc::new(producer),
+            topics,
+            hard_stop: Arc::new(AtomicBool::new(false)),
+            acks,
+            metrics,
+            counters,
+        };
+        Ok((output, retry_rx))
+    }
+
+    /// A message with nothing to publish (an in-distribution verdict with `publish =
+    /// "flagged"`) is done.
+    pub fn done(&self, ack: Ack) {
+        let _ = self.acks.send(ack);
+    }
+
+    /// Publishes a verdict, or dead-letters its input when the verdict would not fit.
+    pub fn verdict(&self, work: Work, value: Vec<u8>, label: &str) {
+        let mut headers = work.headers.clone();
+        headers.push(headers::text("dlsr-verdict", label));
+        let record = OutputRecord {
+            topic: self.topics.verdicts.clone(),
+            key: work.key.clone(),
+            value,
+            headers,
+            ack: work.ack(),
+            attempt: 0,
+            permanent: false,
+        };
+        if record.len() + RECORD_OVERHEAD_BYTES > self.topics.message_max_bytes {
+            let why = format!(
+                "the verdict with the input's key and headers takes {} bytes, over kafka.message_max_bytes = {}",
+                record.len(),
+                self.topics.message_max_bytes
+            );
+            return self.dead_letter(work, "output_too_large", &why);
+        }
+        self.send(record);
+    }
+
+    /// Sends a message to the dead-letter topic with the reason, cut to fit.
+    pub fn dead_letter(&self, work: Work, code: &str, error: &str) {
+        let topic = work.source.topic.clone();
+        self.metrics.record_dead_letter(&topic, code);
+        self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%topic, partition = work.source.partition, offset = work.source.offset, code, "dead letter: {error}");
+        let (record, truncated) = dead_letter_record(work, &self.topics, code, error);
+        if truncated {
+            self.metrics.record_dead_letter_truncated(&topic);
+        }
+        self.send(record);
+    }
+
+    /// Hands a record to librdkafka, waiting while its queue is full (never after the
+    /// hard stop: the record is then simply not acknowledged, so its input is re-read).
+    pub fn send(&self, record: OutputRecord) {
+        let owned_headers = headers::to_owned(&record.headers);
+        let tag = Box::new(DeliveryTag { ack: record.ack.clone(), attempt: record.attempt });
+        let mut base =
+            BaseRecord::with_opaque_to(&record.topic, tag).payload(&record.value).headers(owned_headers);
+        if let Some(k) = &record.key {
+            base = base.key(k);
+        }
+        loop {
+            if self.hard_stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match self.producer.send(base) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    base = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((err, back)) => {
+                    // Refused at once (e.g. a topic error librdkafka cached from an
+                    // earlier delivery): the same policy as a failed delivery.
+                    drop(back);
+                    self.producer.context().failed(record, &err);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The dead letter of `work`: original key, value and headers plus the reason and the
+/// source coordinates, cut to fit the topic's record size (module docs).
+pub fn dead_letter_record(
+    work: Work,
+    topics: &OutputTopics,
+    code: &str,
+    error: &str,
+) -> (OutputRecord, bool) {
+    let ack = work.ack();
+    let source = work.source;
+    let error: String = error.chars().take(ERROR_TEXT_MAX).collect();
+    let ours = vec![
+        headers::text("dlsr-error-code", code),
+        headers::text("dlsr-error", error),
+        headers::text("dlsr-source-topic", source.topic.clone()),
+        headers::text("dlsr-source-partition", source.partition.to_string()),
+        headers::text("dlsr-source-offset", source.offset.to_string()),
+    ];
+    let limit = topics.message_max_bytes.saturating_sub(RECORD_OVERHEAD_BYTES);
+    let mut key = work.key;
+    let mut extra = Vec::new();
+    if key.as_ref().is_some_and(|k| k.len() > limit / 4) {
+        extra.push(headers::text("dlsr-original-key-length", key.as_ref().map_or(0, Vec::len).to_string()));
+        key = None;
+    }
+    let mut original_headers = work.headers;
+    let mut value = work.payload;
+    let fixed = |h: &[Header], extra: &[Header], original: &[Header], key: &Option<Vec<u8>>| {
+        key.as_ref().map_or(0, Vec::len)
+            + headers::payload_len(h)
+            + headers::payload_len(extra)
+            + headers::payload_len(original)
+    };
+    let mut truncated = false;
+    if fixed(&ours, &extra, &original_headers, &key) + value.len() > limit {
+        use sha2::Digest;
+        truncated = true;
+        extra.push(headers::text("dlsr-value-truncated", "true"));
+        extra.push(headers::text("dlsr-original-length", value.len().to_string()));
+        extra.push(headers::text("dlsr-original-sha256", hex::encode(sha2::Sha256::digest(&value))));
+        if fixed(&ours, &extra, &original_headers, &key) > limit {
+            extra.push(headers::text("dlsr-headers-dropped", original_headers.len().to_string()));
+            original_headers.clear();
+        }
+        let room = limit.saturating_sub(fixed(&ours, &extra, &original_headers, &key));
+        value.truncate(room);
+    }
+    let mut all = original_headers;
+    all.extend(ours);
+    all.extend(extra);
+    let record = OutputRecord {
+        topic: topics.dead_letters.clone(),
+        key,
+        value,
+        headers: all,
+        ack,
+        attempt: 0,
+        permanent: false,
+    };
+    (record, truncated)
+}
+
+/// The retry scheduler's inputs.
+pub struct RetryScheduler {
+    pub output: Arc<Output>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// Bumped on every revoke: the scheduler then drops the records of revoked partitions.
+    pub revocations: Arc<AtomicU64>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl RetryScheduler {
+    /// Runs until the hard stop. Each record waits for its own due time; whatever is due
+    /// is sent at once, whatever belongs to a revoked partition is released.
+    pub fn run(self, rx: Receiver<OutputRecord>) {
+        let mut due: BinaryHeap<std::cmp::Reverse<(Instant, u64)>> = BinaryHeap::new();
+        let mut waiting: HashMap<u64, OutputRecord> = HashMap::new();
+        let mut seq = 0u64;
+        let mut seen_revocations = self.revocations.load(Ordering::SeqCst);
+        loop {
+            if self.output.hard_stop.load(Ordering::Relaxed) {
+                // Not acknowledged, so not committed: re-read after the restart.
+                self.metrics.retry_queue.set(0);
+                return;
+            }
+            let wait = due
+                .peek()
+                .map(|std::cmp::Reverse((at, _))| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            match rx.recv_timeout(wait) {
+                Ok(record) => {
+                    seq += 1;
+                    due.push(std::cmp::Reverse((
+                        Instant::now() + backoff(record.attempt.saturating_sub(1), record.permanent),
+                        seq,
+                    )));
+                    waiting.insert(seq, record);
+                    // Take everything already queued before sending anything.
+                    while let Ok(record) = rx.try_recv() {
+                        seq += 1;
+                        let at = Instant::now() + backoff(record.attempt.saturating_sub(1), record.permanent);
+                        due.push(std::cmp::Reverse((at, seq)));
+                        waiting.insert(seq, record);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let revocations = self.revocations.load(Ordering::SeqCst);
+            if revocations != seen_revocations {
+                seen_revocations = revocations;
+                self.release_revoked(&mut waiting);
+            }
+            let now = Instant::now();
+            while let Some(std::cmp::Reverse((at, id))) = due.peek().copied() {
+                if at > now || self.output.hard_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                due.pop();
+                if let Some(record) = waiting.remove(&id) {
+                    let current = self
+                        .tracker
+                        .lock()
+                        .map(|t| t.is_current(&record.ack.tp, record.ack.generation))
+                        .unwrap_or(false);
+                    if current {
+                        self.output.send(record);
+                    } else {
+                        self.output.done(record.ack);
+                    }
+                }
+            }
+            self.metrics.retry_queue.set(waiting.len() as i64);
+        }
+    }
+
+    /// Drops (and releases) the records whose partition is no longer assigned.
+    fn release_revoked(&self, waiting: &mut HashMap<u64, OutputRecord>) {
+        let Ok(tracker) = self.tracker.lock() else { return };
+        let stale: Vec<u64> = waiting
+            .iter()
+            .filter(|(_, r)| !tracker.is_current(&r.ack.tp, r.ack.generation))
+            .map(|(id, _)| *id)
+            .collect();
+        drop(tracker);
+        for id in stale {
+            if let Some(record) = waiting.remove(&id) {
+                self.output.done(record.ack);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::message::Source;
+
+    fn work(value_len: usize, header_len: usize) -> Work {
+        Work {
+            source: Source { topic: "images".into(), partition: 1, offset: 42, timestamp: None },
+            key: Some(b"cat.png".to_vec()),
+            payload: (0..value_len).map(|i| (i % 251) as u8).collect(),
+            headers: vec![(vec![0xff, 0xfe], Some(vec![7u8; header_len]))],
+            generation: 3,
+        }
+    }
+
+    fn topics() -> OutputTopics {
+        OutputTopics { verdicts: "v".into(), dead_letters: "dl".into(), message_max_bytes: 100_000 }
+    }
+
+    #[test]
+    fn a_dead_letter_that_fits_carries_everything_unchanged() {
+        let (r, truncated) = dead_letter_record(work(5000, 10), &topics(), "undecodable", "bad");
+        assert!(!truncated);
+        assert_eq!(r.value.len(), 5000);
+        assert_eq!(
+            r.headers[0],
+            (vec![0xff, 0xfe], Some(vec![7u8; 10])),
+            "original headers first, unchanged"
+        );
+        assert_eq!(headers::find(&r.headers, "dlsr-source-offset"), Some(&b"42"[..]));
+        assert_eq!(headers::find(&r.headers, "dlsr-value-truncated"), None);
+    }
+
+    #[test]
+    fn an_oversized_dead_letter_is_cut_to_fit_and_says_so() {
+        use sha2::Digest;
+        let w = work(1_500_000, 10);
+        let sha = hex::encode(sha2::Sha256::digest(&w.payload));
+        let (r, truncated) = dead_letter_record(w, &topics(), "undecodable", "bad");
+        assert!(truncated);
+        assert!(r.len() + RECORD_OVERHEAD_BYTES <= 100_000, "{} bytes", r.len());
+        assert!(r.value.len() > 90_000, "as much of the value as fits: {}", r.value.len());
+        assert_eq!(headers::find(&r.headers, "dlsr-original-length"), Some(&b"1500000"[..]));
+        assert_eq!(headers::find(&r.headers, "dlsr-original-sha256"), Some(sha.as_bytes()));
+        assert_eq!(headers::find(&r.headers, "dlsr-value-truncated"), Some(&b"true"[..]));
+        // Headers too large to fit are dropped and counted, never sent over the limit.
+        let (r, _) = dead_letter_record(work(10, 200_000), &topics(), "undecodable", "bad");
+        assert!(r.len() + RECORD_OVERHEAD_BYTES <= 100_000);
+        assert_eq!(headers::find(&r.headers, "dlsr-headers-dropped"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn errors_are_classified_and_backoff_is_bounded() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(classify(Some(C::MessageSizeTooLarge)), ErrorClass::Permanent);
+        assert_eq!(classify(Some(C::TopicAuthorizationFailed)), ErrorClass::Permanent);
+        assert_eq!(classify(Some(C::UnknownTopicOrPartition)), ErrorClass::Permanent);
+        assert_eq!(classify(Some(C::Fatal)), ErrorClass::Fatal);
+        assert_eq!(classify(Some(C::MessageTimedOut)), ErrorClass::Transient);
+        assert_eq!(classify(Some(C::NotLeaderForPartition)), ErrorClass::Transient);
+        assert_eq!(snake_case("TopicAuthorizationFailed"), "topic_authorization_failed");
+        assert_eq!(backoff(0, false), Duration::from_millis(100));
+        assert_eq!(backoff(40, false), Duration::from_secs(10));
+        assert_eq!(backoff(40, true), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,274 @@
+//! The scoring stage: decode workers (decode under limits, preprocess, seed), the batcher
+//! (size or wait), scoring through an [`ItemScorer`], and verdicts judged against the
+//! thresholds in force.
+//!
+//! [`ItemScorer`] is the seam between the pipeline and the model: preprocessed images and
+//! seeds in, item scores out. [`BundleScorer`] is the real one (encoder + LFDN on the
+//! configured device); the pipeline's tests use a stub, so offsets, retries, rebalances,
+//! back-pressure and shutdown are tested in seconds without a fitted bundle.
+//!
+//! A batch whose scoring fails (a libtorch error such as CUDA running out of memory) is
+//! split in halves and scored again, down to single items; only an item that fails alone
+//! is dead-lettered (`scoring_failed`). An item whose scores are not finite is
+//! dead-lettered (`non_finite_score`): it is never judged in-distribution and no verdict
+//! with null fields is published.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+use super::consumer::Work;
+use super::daemon::{Counters, DaemonError};
+use super::message::{ModelRef, VerdictRecord};
+use super::producer::Output;
+use super::thresholds::Thresholds;
+use crate::config::{ModelConfig, PipelineConfig, Publish};
+use crate::data::{decode, Preprocess};
+use crate::eval::calibration::Calibration;
+use crate::model::bundle::Bundle;
+use crate::model::features::FeatureExtractor;
+use crate::model::score::{content_seed, ItemScores, ScoreKind, ScoreSettings};
+use crate::telemetry::metrics::Metrics;
+use crate::verdict::judge;
+
+/// What the pipeline needs to know of the model, fixed for a run.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_ref: ModelRef,
+    pub encoder: String,
+    pub preprocess: Preprocess,
+    pub calibration: Calibration,
+    pub default_score: ScoreKind,
+    pub has_lr: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoringError {
+    #[error("stacking the batch: {0}")]
+    Stack(#[source] tch::TchError),
+    #[error("encoder: {0}")]
+    Encoder(#[source] crate::model::ModelError),
+    #[error(transparent)]
+    Score(#[from] crate::model::score::ScoreError),
+    #[error("the scorer returned {got} scores for {want} items")]
+    Count { got: usize, want: usize },
+    /// Any other backend failure (stubs, future backends).
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Preprocessed images and seeds in, item scores out.
+pub trait ItemScorer: Send {
+    fn model(&self) -> &ModelInfo;
+    /// `images` is `[B, 3, S, S]` on the CPU; `seeds[i]` seeds item i's noise.
+    fn score(&mut self, images: &Tensor, seeds: &[u64]) -> Result<Vec<ItemScores>, ScoringError>;
+}
+
+/// The bundle's encoder and LFDN on the configured device.
+pub struct BundleScorer {
+    bundle: Bundle,
+    extractor: FeatureExtractor,
+    settings: ScoreSettings,
+    info: ModelInfo,
+}
+
+impl BundleScorer {
+    /// Loads the bundle and its encoder and checks its scoring settings, so a bad bundle
+    /// fails at start instead of dead-lettering the stream.
+    pub fn load(cfg: &ModelConfig) -> Result<Self, DaemonError> {
+        let model = |e: String| DaemonError::Model(e);
+        let device = cfg.device.resolve().map_err(|e| model(e.to_string()))?;
+        let precision = cfg.precision;
+        let bundle = Bundle::load(&cfg.bundle, device).map_err(|e| model(e.to_string()))?;
+        let encoder = (!cfg.encoder.is_empty()).then_some(cfg.encoder.as_str());
+        let extractor = bundle.load_encoder(encoder, precision).map_err(|e| model(e.to_string()))?;
+        let settings = bundle.meta.scoring.clone();
+        bundle.scorer(&settings).validate().map_err(|e| {
+            model(format!("{}: the bundle's scoring settings are unusable: {e}", cfg.bundle.display()))
+        })?;
+        let info = ModelInfo {
+            model_ref: ModelRef { name: bundle.name(), sha256: bundle.sha256.clone() },
+            encoder: bundle.meta.encoder.name.clone(),
+            preprocess: extractor.preprocess,
+            calibration: bundle.meta.calibration.clone(),
+            default_score: bundle.meta.default_score,
+            has_lr: bundle.meta.has_first_epoch,
+        };
+        Ok(Self { bundle, extractor, settings, info })
+    }
+}
+
+impl ItemScorer for BundleScorer {
+    fn model(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn score(&mut self, images: &Tensor, seeds: &[u64]) -> Result<Vec<ItemScores>, ScoringError> {
+        let features = self.extractor.extract(images).map_err(ScoringError::Encoder)?;
+        Ok(self.bundle.scorer(&self.settings).score(&features.values, seeds)?)
+    }
+}
+
+/// A decoded message waiting for its batch.
+pub struct Decoded {
+    pub work: Work,
+    pub image: Tensor,
+    pub seed: u64,
+}
+
+/// Decodes and preprocesses until the work channel closes; undecodable messages are
+/// dead-lettered with their error code.
+pub fn decode_worker(
+    rx: Arc<Mutex<Receiver<Work>>>,
+    tx: SyncSender<Decoded>,
+    pre: Preprocess,
+    limits: crate::data::DecodeLimits,
+    output: Arc<Output>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let work = match rx.lock() {
+            Ok(r) => match r.recv() {
+                Ok(w) => w,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        let started = Instant::now();
+        let result = decode::decode(&work.payload, &limits)
+            .map_err(|e| (e.code(), e.to_string()))
+            .and_then(|img| pre.apply(&img).map_err(|e| ("preprocess", e.to_string())));
+        metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(image) => {
+                let seed = content_seed(&work.payload);
+                if tx.send(Decoded { work, image, seed }).is_err() {
+                    return;
+                }
+            }
+            Err((code, msg)) => output.dead_letter(work, code, &msg),
+        }
+    }
+}
+
+/// Everything the scorer thread owns or shares.
+pub struct ScoringStage {
+    pub scorer: Box<dyn ItemScorer>,
+    pub thresholds: Arc<RwLock<Thresholds>>,
+    pub output: Arc<Output>,
+    pub metrics: Arc<Metrics>,
+    pub counters: Arc<Counters>,
+    pub pipeline: PipelineConfig,
+    pub publish: Publish,
+}
+
+impl ScoringStage {
+    /// Batches by size or wait and scores until the decoded channel closes.
+    pub fn run(mut self, rx: Receiver<Decoded>) {
+        let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
+        loop {
+            let Ok(first) = rx.recv() else { return };
+            let mut batch = vec![first];
+            let deadline = Instant::now() + wait;
+            while batch.len() < self.pipeline.batch_max_size {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(d) => batch.push(d),
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            self.metrics.batch_size.observe(batch.len() as f64);
+            let started = Instant::now();
+            let scores = self.score_splitting(&batch);
+            self.metrics.inference_seconds.observe(started.elapsed().as_secs_f64());
+            for (d, s) in batch.into_iter().zip(scores) {
+                match s {
+                    Ok(s) => self.judge_and_publish(d.work, &s),
+                    Err(e) => self.output.dead_letter(d.work, "scoring_failed", &e),
+                }
+            }
+        }
+    }
+
+    /// Scores `items`; a failing batch is split in halves down to single items, so one
+    /// bad item (or a batch too large for the device) costs only that item.
+    fn score_splitting(&mut self, items: &[Decoded]) -> Vec<Result<ItemScores, String>> {
+        let images: Vec<&Tensor> = items.iter().map(|d| &d.image).collect();
+        let seeds: Vec<u64> = items.iter().map(|d| d.seed).collect();
+        let result = Tensor::f_stack(&images, 0)
+            .map_err(ScoringError::Stack)
+            .and_then(|x| self.scorer.score(&x, &seeds))
+            .and_then(|s| {
+                if s.len() == items.len() {
+                    Ok(s)
+                } else {
+                    Err(ScoringError::Count { got: s.len(), want: items.len() })
+                }
+            });
+        match result {
+            Ok(scores) => scores.into_iter().map(Ok).collect(),
+            Err(e) if items.len() == 1 => vec![Err(e.to_string())],
+            Err(e) => {
+                self.metrics.scoring_splits.inc();
+                tracing::warn!(items = items.len(), "scoring a batch failed, scoring its halves: {e}");
+                let (a, b) = items.split_at(items.len() / 2);
+                let mut out = self.score_splitting(a);
+                out.extend(self.score_splitting(b));
+                out
+            }
+        }
+    }
+
+    fn judge_and_publish(&self, work: Work, s: &ItemScores) {
+        let m = &self.metrics;
+        let finite = [Some(s.mse), Some(s.mfsim), s.lr]
+            .into_iter()
+            .flatten()
+            .chain(s.layers.iter().flat_map(|l| [l.mse, l.cos]))
+            .all(f64::is_finite);
+        if !finite {
+            let why = format!("scores are not finite (mse {}, mfsim {}, lr {:?})", s.mse, s.mfsim, s.lr);
+            return self.output.dead_letter(work, "non_finite_score", &why);
+        }
+        let topic = work.source.topic.clone();
+        let thr = match self.thresholds.read() {
+            Ok(t) => t.for_topic(&topic),
+            Err(_) => return self.output.dead_letter(work, "scoring_failed", "thresholds unavailable"),
+        };
+        let id = work.id();
+        let info = self.scorer.model();
+        let verdict = match judge(&id, s, thr.kind, &info.calibration, Some(thr.value)) {
+            Ok(v) => v,
+            Err(e) => return self.output.dead_letter(work, "scoring_failed", &e.to_string()),
+        };
+        for kind in ScoreKind::ALL {
+            if let Some(v) = s.get(kind) {
+                m.record_score(&topic, kind, v);
+            }
+        }
+        for (l, layer) in s.layers.iter().enumerate() {
+            m.record_layer_cosine(l, layer.cos);
+        }
+        m.record_verdict(&topic, verdict.is_ood);
+        self.counters.verdicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if verdict.is_ood {
+            self.counters.flagged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(ts) = work.source.timestamp {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as i64;
+            m.record_end_to_end(&topic, ((now - ts).max(0) as f64) / 1000.0);
+        }
+        if !(verdict.is_ood || self.publish == Publish::All) {
+            return self.output.done(work.ack());
+        }
+        let label = if verdict.is_ood { "ood" } else { "id" };
+        match serde_json::to_vec(&VerdictRecord::new(&verdict, &work.source, &info.model_ref)) {
+            Ok(value) => self.output.verdict(work, value, label),
+            Err(e) => self.output.dead_letter(work, "scoring_failed", &e.to_string()),
+        }
+    }
+}
