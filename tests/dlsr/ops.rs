@@ -154,7 +154,7 @@ fn dashboard_is_provisioning_ready() {
     let var = |name: &str| vars.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no ${name}"));
     assert_eq!(var("datasource")["type"], "datasource");
     assert_eq!(var("datasource")["query"], "prometheus");
-    assert!(var("topic")["definition"].as_str().unwrap().contains("topic"));
+    assert!(var("topic")["query"]["query"].as_str().unwrap().contains("topic"));
     assert_eq!(var("topic")["datasource"]["uid"], "${datasource}");
 
     let mut ids = BTreeSet::new();
@@ -198,6 +198,53 @@ fn dashboard_is_provisioning_ready() {
             }
         }
     }
+}
+
+/// Type-checks a dashboard's JSON against Grafana's published `Dashboard` type
+/// (@grafana/schema) with tsc. JSON cannot name a TypeScript enum member, so each string
+/// enum is widened to the union of its literal values; everything else is checked as is.
+fn tsc_check_dashboard(json: &str, name: &str) -> (bool, String) {
+    let schema = ops_tool("grafana-schema");
+    let tsc = ops_tool("grafana-schema/node_modules/typescript/bin/tsc");
+    ops_tool("grafana-schema/node_modules/@grafana/schema/package.json");
+    // Beside node_modules, so '@grafana/schema' resolves; a name per run and process.
+    let file = schema.join(format!("check-{name}-{}.ts", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "import type {{ Dashboard }} from '@grafana/schema';\n\
+             type Json<T> = T extends string ? `${{T}}` : T extends (infer U)[] ? Json<U>[] : \
+             T extends object ? {{ [K in keyof T]: Json<T[K]> }} : T;\n\
+             export const dashboard: Json<Dashboard> = {json};\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("node")
+        .arg(tsc)
+        .args(["--noEmit", "--strict", "--skipLibCheck", "--target", "es2022"])
+        .args(["--module", "nodenext", "--moduleResolution", "nodenext"])
+        .arg(&file)
+        .output()
+        .expect("node must be installed (scripts/setup-ops-tools.sh)");
+    let _ = std::fs::remove_file(&file);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn dashboard_type_checks_against_grafanas_published_schema() {
+    let text = std::fs::read_to_string(root().join("dashboards/dlsr.json")).unwrap();
+    let (ok, out) = tsc_check_dashboard(&text, "dlsr");
+    assert!(ok, "dashboards/dlsr.json does not fit Grafana's Dashboard type:\n{out}");
+    // The check can fail: a width that is not a number, a variable without its value.
+    let mut broken: Value = serde_json::from_str(&text).unwrap();
+    broken["panels"][1]["gridPos"]["w"] = Value::from("twelve");
+    let (ok, out) = tsc_check_dashboard(&broken.to_string(), "bad-width");
+    assert!(!ok && out.contains("TS2322"), "a string width must be refused:\n{out}");
+    let mut broken: Value = serde_json::from_str(&text).unwrap();
+    broken["templating"]["list"][0]["current"] = serde_json::json!({});
+    let (ok, out) = tsc_check_dashboard(&broken.to_string(), "bad-current");
+    assert!(!ok && out.contains("text, value"), "an empty current must be refused:\n{out}");
 }
 
 // --- live Prometheus -----------------------------------------------------------------
@@ -286,9 +333,13 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
             .spawn()
             .unwrap(),
     );
-    wait_until("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+    // Prometheus accepts connections before it is ready (503 while its storage opens).
+    wait_until("Prometheus to be ready", Duration::from_secs(60), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && scalar_of(&query(port, r#"up{job="dlsr"}"#)) == Some(1.0)
+            && http_get(("127.0.0.1", port), "/-/ready").map(|(s, _)| s == 200).unwrap_or(false)
+    });
+    wait_until("Prometheus to scrape the daemon", Duration::from_secs(60), || {
+        scalar_of(&query(port, r#"up{job="dlsr"}"#)) == Some(1.0)
     });
 
     // In-distribution traffic (and a few corrupt messages): no drift alarm.
@@ -325,7 +376,7 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
     let d = dashboard();
     let mut checked = 0;
     for v in d["templating"]["list"].as_array().unwrap() {
-        if let Some(def) = v["definition"].as_str() {
+        if let Some(def) = v["query"]["query"].as_str() {
             let (metric, label) = def
                 .trim_start_matches("label_values(")
                 .trim_end_matches(')')
