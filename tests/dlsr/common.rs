@@ -58,3 +58,48 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut ok: impl FnMut()
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// librdkafka's in-process mock cluster with the daemon's default topics (`images` with
+/// three partitions, the verdict and dead-letter topics): (cluster, bootstrap servers).
+pub fn mock_cluster(
+) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+    let c = rdkafka::mocking::MockCluster::new(1).unwrap();
+    c.create_topic("images", 3, 1).unwrap();
+    c.create_topic("dlsr-verdicts", 1, 1).unwrap();
+    c.create_topic("dlsr-dead-letters", 1, 1).unwrap();
+    let b = c.bootstrap_servers();
+    (c, b)
+}
+
+/// A consumer of the daemon's outputs (verdicts and dead letters) from the beginning.
+pub fn output_reader(brokers: &str, group: &str) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer;
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&["dlsr-verdicts", "dlsr-dead-letters"]).unwrap();
+    c
+}
+
+/// The group's committed offset of each `images` partition (None: nothing committed).
+pub fn committed(brokers: &str, group: &str) -> std::collections::BTreeMap<i32, Option<i64>> {
+    use rdkafka::consumer::Consumer;
+    let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition("images", p);
+    }
+    let got = probe.committed_offsets(tpl, std::time::Duration::from_secs(10)).unwrap();
+    got.elements()
+        .iter()
+        .map(|e| (e.partition(), if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }))
+        .collect()
+}

@@ -20,14 +20,11 @@ use dlsr::stream::scorer::{ItemScorer, ModelInfo, ScoringError};
 use dlsr::telemetry::metrics::{score_buckets, Metrics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedHeaders, Message, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
-use crate::common::{http_get, wait_until};
-
-type Cluster = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+use crate::common::{committed, http_get, mock_cluster as cluster, output_reader, wait_until};
 
 /// What the stub does besides scoring.
 #[derive(Default, Clone)]
@@ -94,15 +91,6 @@ impl ItemScorer for Stub {
             })
             .collect())
     }
-}
-
-fn cluster() -> (Cluster, String) {
-    let c = MockCluster::new(1).unwrap();
-    c.create_topic("images", 3, 1).unwrap();
-    c.create_topic("dlsr-verdicts", 1, 1).unwrap();
-    c.create_topic("dlsr-dead-letters", 1, 1).unwrap();
-    let b = c.bootstrap_servers();
-    (c, b)
 }
 
 fn config(brokers: &str, group: &str) -> Config {
@@ -225,15 +213,7 @@ struct Reader(BaseConsumer);
 
 impl Reader {
     fn new(brokers: &str, group: &str) -> Self {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        c.subscribe(&["dlsr-verdicts", "dlsr-dead-letters"]).unwrap();
-        Self(c)
+        Self(output_reader(brokers, group))
     }
 
     /// Reads until `n` outputs or the timeout.
@@ -269,21 +249,6 @@ impl Reader {
             source,
         })
     }
-}
-
-/// The group's committed offset of each `images` partition (None: nothing committed).
-fn committed(brokers: &str, group: &str) -> BTreeMap<i32, Option<i64>> {
-    let probe: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition("images", p);
-    }
-    let got = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    got.elements()
-        .iter()
-        .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
-        .collect()
 }
 
 fn end_offsets(brokers: &str) -> BTreeMap<i32, i64> {

@@ -16,10 +16,9 @@ use dlsr::stream::publish::{item_bytes, Publisher};
 use dlsr::telemetry::metrics::{score_buckets, Metrics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::common::{asset, wait_until};
+use crate::common::{asset, committed, output_reader, wait_until};
 
 struct Output {
     topic: String,
@@ -28,14 +27,7 @@ struct Output {
     value: Vec<u8>,
 }
 
-pub(crate) fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
-    let c = MockCluster::new(1).unwrap();
-    c.create_topic("images", 3, 1).unwrap();
-    c.create_topic("dlsr-verdicts", 1, 1).unwrap();
-    c.create_topic("dlsr-dead-letters", 1, 1).unwrap();
-    let b = c.bootstrap_servers();
-    (c, b)
-}
+pub(crate) use crate::common::mock_cluster as cluster;
 
 pub(crate) fn config(brokers: &str, group: &str) -> Config {
     let mut cfg = Config::default();
@@ -91,18 +83,6 @@ pub(crate) fn publish(brokers: &str, fmnist: usize, skip: usize, mnist: usize, c
     keys
 }
 
-fn reader(brokers: &str, group: &str) -> BaseConsumer {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    c.subscribe(&["dlsr-verdicts", "dlsr-dead-letters"]).unwrap();
-    c
-}
-
 fn collect(c: &BaseConsumer, n: usize, timeout: Duration) -> Vec<Output> {
     let started = Instant::now();
     let mut out = Vec::new();
@@ -138,11 +118,11 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
     let keys = publish(&brokers, 40, 0, 20, true);
     let control = Control::default();
     let (handle, metrics) = start(config(&brokers, "g-exact"), control.clone(), None);
-    let outputs = collect(&reader(&brokers, "r-exact"), keys.len(), Duration::from_secs(120));
+    let outputs = collect(&output_reader(&brokers, "r-exact"), keys.len(), Duration::from_secs(120));
     control.shutdown.store(true, Ordering::Relaxed);
     let summary = handle.join().unwrap();
     // After the daemon stopped, a full re-read must find no surplus (duplicate) output.
-    let again = collect(&reader(&brokers, "r-exact-2"), keys.len() + 1, Duration::from_secs(10));
+    let again = collect(&output_reader(&brokers, "r-exact-2"), keys.len() + 1, Duration::from_secs(10));
     assert_eq!(again.len(), keys.len(), "outputs after shutdown: duplicates or losses");
 
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
@@ -245,7 +225,7 @@ fn sighup_reload_changes_the_verdicts_of_later_messages() {
     let cfg = Config::load(Some(&path)).unwrap();
     let control = Control::default();
     let (handle, metrics) = start(cfg, control.clone(), Some(path.clone()));
-    let r = reader(&brokers, "r-reload");
+    let r = output_reader(&brokers, "r-reload");
     publish(&brokers, 10, 200, 0, false);
     let first = collect(&r, 10, Duration::from_secs(60));
 
@@ -320,39 +300,23 @@ fn kill_9_inside_the_produce_to_acknowledge_window_commits_nothing_unacknowledge
     std::thread::sleep(Duration::from_millis(800)); // several commit intervals
     child.kill().unwrap(); // SIGKILL: no drain, no final commit
     child.wait().unwrap();
-    let commits = group_commits(&brokers, "g-kill");
+    let commits = committed(&brokers, "g-kill");
     cluster.clear_request_errors(Produce);
-    let written = collect(&reader(&brokers, "r-kill"), keys.len(), Duration::from_secs(8)).len();
-    let committed: i64 = commits.iter().map(|c| c.unwrap_or(0)).sum();
+    let written = collect(&output_reader(&brokers, "r-kill"), keys.len(), Duration::from_secs(8)).len();
+    let total: i64 = commits.values().map(|c| c.unwrap_or(0)).sum();
     assert!(
-        committed as usize <= written,
-        "{committed} inputs committed but only {written} outputs exist: committed before acknowledgement"
+        total as usize <= written,
+        "{total} inputs committed but only {written} outputs exist: committed before acknowledgement"
     );
 
     // A restart re-reads the uncommitted inputs: every input gets its output.
     let control = Control::default();
     let (handle, _m) = start(config(&brokers, "g-kill"), control.clone(), None);
-    let outputs = collect(&reader(&brokers, "r-kill-2"), keys.len(), Duration::from_secs(120));
+    let outputs = collect(&output_reader(&brokers, "r-kill-2"), keys.len(), Duration::from_secs(120));
     control.shutdown.store(true, Ordering::Relaxed);
     handle.join().unwrap();
     let got: std::collections::BTreeSet<&str> = outputs.iter().map(|o| o.key.as_str()).collect();
     assert!(keys.iter().all(|k| got.contains(k.as_str())), "inputs lost after kill -9");
-}
-
-/// The group's committed offsets of the three `images` partitions.
-fn group_commits(brokers: &str, group: &str) -> Vec<Option<i64>> {
-    let probe: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition("images", p);
-    }
-    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    committed
-        .elements()
-        .iter()
-        .map(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None })
-        .collect()
 }
 
 #[test]
@@ -376,7 +340,7 @@ fn readyz_goes_false_while_the_broker_is_down_and_recovers() {
     assert!(metrics.render().contains("dlsr_broker_up 1"));
     // And it still works: the next messages get their verdicts.
     let keys = publish(&brokers, 5, 700, 0, false);
-    let outputs = collect(&reader(&brokers, "r-outage"), 10, Duration::from_secs(60));
+    let outputs = collect(&output_reader(&brokers, "r-outage"), 10, Duration::from_secs(60));
     control.shutdown.store(true, Ordering::Relaxed);
     handle.join().unwrap();
     let got: std::collections::BTreeSet<&str> = outputs.iter().map(|o| o.key.as_str()).collect();
