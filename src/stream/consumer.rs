@@ -9,8 +9,12 @@
 //! re-reads from the commit point: at-least-once, never a gap. Partitions assigned while
 //! the consumer is paused are paused at once too.
 //!
-//! Commits: periodic and asynchronous; a point counts as committed only when librdkafka's
-//! commit callback reports success, so a failed commit is simply due again next time.
+//! Commits: periodic and asynchronous; a point counts as committed only when the broker
+//! confirmed it, so a failed commit is simply due again next time. librdkafka reports the
+//! result of a manual asynchronous commit only to a queue given with the commit (or a C
+//! callback rust-rdkafka does not install: its `commit_callback` never fires for manual
+//! commits), so the stage commits with `rd_kafka_commit_queue` onto a queue of its own
+//! and reads the results from it at every tick, without blocking.
 //!
 //! The consumer thread never blocks on the pipeline: a message that does not fit into
 //! the full work channel waits in a small stash while the consumer pauses and keeps
@@ -22,8 +26,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -186,20 +191,26 @@ impl ConsumerContext for ConsumerCtx {
             }
         }
     }
+}
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.mark_committed(offsets),
-            Err(e) => {
-                self.metrics.commit_errors.inc();
-                tracing::warn!("commit failed (tried again at the next interval): {e}");
-            }
-        }
+/// A librdkafka queue that receives the results of this stage's asynchronous commits.
+struct CommitResults(*mut rdsys::rd_kafka_queue_t);
+
+// SAFETY: librdkafka queues are thread-safe; the pointer is only used through its API.
+unsafe impl Send for CommitResults {}
+
+impl Drop for CommitResults {
+    fn drop(&mut self) {
+        // SAFETY: created by rd_kafka_queue_new, destroyed once, before the consumer
+        // (ConsumerStage declares this field first, so it is dropped first).
+        unsafe { rdsys::rd_kafka_queue_destroy(self.0) };
     }
 }
 
 /// The consumer and its back-pressure state.
 pub struct ConsumerStage {
+    /// Results of asynchronous commits (dropped before `consumer`, which it refers to).
+    commit_results: CommitResults,
     pub consumer: BaseConsumer<ConsumerCtx>,
     /// Messages read that did not fit into the full work channel yet.
     stash: VecDeque<Work>,
@@ -222,7 +233,13 @@ impl ConsumerStage {
         consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| (e.to_string(), true))?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| (format!("subscribe: {e}"), false))?;
+        // SAFETY: a new queue of this client, destroyed by CommitResults before the client.
+        let queue = unsafe { rdsys::rd_kafka_queue_new(consumer.client().native_ptr()) };
+        if queue.is_null() {
+            return Err(("cannot create the commit result queue".into(), false));
+        }
         Ok(Self {
+            commit_results: CommitResults(queue),
             consumer,
             stash: VecDeque::new(),
             commit_every,
@@ -245,6 +262,7 @@ impl ConsumerStage {
     /// Housekeeping between polls: acknowledgements, due commits, lag, back-pressure.
     pub fn tick(&mut self, limit: usize) -> usize {
         self.ctx().drain_acks();
+        self.serve_commit_results();
         if self.last_commit.elapsed() >= self.commit_every {
             self.commit_due();
             self.last_commit = Instant::now();
@@ -316,13 +334,82 @@ impl ConsumerStage {
         }
     }
 
-    /// Commits the points that moved, asynchronously (marked on success by the callback).
+    /// Commits the points that moved, asynchronously; they are marked committed when the
+    /// result arrives ([`Self::serve_commit_results`]).
     pub fn commit_due(&self) {
         let commits = self.ctx().tracker.lock().map(|t| t.due_commits()).unwrap_or_default();
-        if !commits.is_empty() {
-            if let Err(e) = self.consumer.commit(&offsets_list(&commits), CommitMode::Async) {
-                self.ctx().metrics.commit_errors.inc();
-                tracing::warn!("commit failed (tried again at the next interval): {e}");
+        if commits.is_empty() {
+            return;
+        }
+        let list = offsets_list(&commits);
+        // SAFETY: the client, the list and the queue are alive for the call; librdkafka
+        // copies the list.
+        let err = unsafe {
+            rdsys::rd_kafka_commit_queue(
+                self.consumer.client().native_ptr(),
+                list.ptr(),
+                self.commit_results.0,
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            self.ctx().metrics.commit_errors.inc();
+            tracing::warn!(
+                "commit not sent (tried again at the next interval): {}",
+                KafkaError::ConsumerCommit(err.into())
+            );
+        }
+    }
+
+    /// Applies the results of asynchronous commits that arrived, without waiting.
+    fn serve_commit_results(&self) {
+        loop {
+            // SAFETY: the queue is alive; a returned event is destroyed below.
+            let event = unsafe { rdsys::rd_kafka_queue_poll(self.commit_results.0, 0) };
+            if event.is_null() {
+                return;
+            }
+            // SAFETY: `event` is a valid event until destroyed; the list it returns is owned
+            // by the event and read before that.
+            unsafe {
+                if rdsys::rd_kafka_event_type(event) == rdsys::RD_KAFKA_EVENT_OFFSET_COMMIT {
+                    let err = rdsys::rd_kafka_event_error(event);
+                    let list = rdsys::rd_kafka_event_topic_partition_list(event);
+                    self.apply_commit_result(err, list);
+                }
+                rdsys::rd_kafka_event_destroy(event);
+            }
+        }
+    }
+
+    /// # Safety
+    /// `list` is null or a valid topic-partition list.
+    unsafe fn apply_commit_result(
+        &self,
+        err: rdsys::rd_kafka_resp_err_t,
+        list: *const rdsys::rd_kafka_topic_partition_list_t,
+    ) {
+        let ok = rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+        let metrics = &self.ctx().metrics;
+        if err != ok {
+            metrics.commit_errors.inc();
+            tracing::warn!(
+                "commit failed (tried again at the next interval): {}",
+                KafkaError::ConsumerCommit(err.into())
+            );
+        }
+        if list.is_null() {
+            return;
+        }
+        let Ok(mut tracker) = self.ctx().tracker.lock() else { return };
+        let elements = std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0));
+        for e in elements {
+            if e.err == ok && e.offset >= 0 && !e.topic.is_null() {
+                let topic = std::ffi::CStr::from_ptr(e.topic).to_string_lossy().into_owned();
+                tracker.mark_committed(&(topic, e.partition), e.offset);
+            } else if e.err != ok && err == ok {
+                metrics.commit_errors.inc();
             }
         }
     }
@@ -345,8 +432,9 @@ impl ConsumerStage {
                 );
                 return false;
             }
-            // Serves the commit callback; partitions are paused, so nothing new arrives.
+            // Keeps the consumer served; partitions are paused, so nothing new arrives.
             let _ = self.consumer.poll(Duration::from_millis(20));
+            self.serve_commit_results();
         }
     }
 

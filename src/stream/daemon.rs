@@ -83,6 +83,8 @@ pub struct Summary {
     pub max_in_flight: usize,
     /// Every consumed message had its output acknowledged before the stop.
     pub drained: bool,
+    /// The broker confirmed the final commit (false: the last points will be re-read).
+    pub final_commit_confirmed: bool,
     /// Pipeline threads still busy when the shutdown's deadline came (not waited for).
     pub threads_left_running: usize,
 }
@@ -333,7 +335,7 @@ impl Daemon {
         let _ = output.producer.flush(Duration::from_secs(1));
         output.producer.purge(PurgeConfig::default().queue().inflight());
         let _ = output.producer.flush(Duration::from_millis(200));
-        consumer.final_commit(Duration::from_secs(2));
+        summary.final_commit_confirmed = consumer.final_commit(Duration::from_secs(2));
         summary.paused_times = consumer.paused_times;
         summary.threads_left_running =
             supervise::join_until(threads, Instant::now() + Duration::from_millis(500));

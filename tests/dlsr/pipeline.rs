@@ -281,6 +281,7 @@ fn a_header_key_that_is_not_utf8_is_kept_byte_for_byte_on_verdicts_and_dead_lett
     let daemon = start(config(&brokers, "g-utf8"), Behaviour::default());
     let outputs = Reader::new(&brokers, "r-utf8").read(8, Duration::from_secs(60));
     let summary = daemon.stop().expect("one odd header must not stop the daemon");
+    assert!(summary.drained && summary.final_commit_confirmed, "{summary:?}");
     assert_eq!(outputs.len(), 8, "every input has its output: {outputs:?}");
     let want: Vec<headers::Header> = poison.iter().map(|(k, v)| (k.to_vec(), Some(v.to_vec()))).collect();
     for key in ["binary-key", "binary-key-corrupt"] {
@@ -533,4 +534,28 @@ fn two_daemons_in_one_group_both_own_partitions_and_a_rebalance_with_work_in_fli
     assert_eq!(keys.len(), sent, "nothing may be lost in a rebalance");
     assert!(sa.consumed > 0 && sb.consumed > 0, "both own partitions: A {sa:?}, B {sb:?}");
     assert_commits_covered(&committed(&brokers, "g-pair"), &outputs);
+}
+
+#[test]
+fn a_failed_commit_is_tried_again_until_the_broker_confirms_it() {
+    let (cluster, brokers) = cluster();
+    produce(&brokers, grey("commit", 9));
+    // The first offset commits are refused; points counted as committed on sending (not
+    // on confirmation) would never be committed again once the stream is idle.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    let daemon = start(config(&brokers, "g-commit"), Behaviour::default());
+    let outputs = Reader::new(&brokers, "r-commit").read(9, Duration::from_secs(60));
+    assert_eq!(outputs.len(), 9);
+    let ends = end_offsets(&brokers);
+    wait_until("the commits to reach the end offsets", Duration::from_secs(30), || {
+        let c = committed(&brokers, "g-commit");
+        ends.iter().all(|(p, end)| c[p] == Some(*end))
+    });
+    let errors = daemon.metric("dlsr_commit_errors_total");
+    let summary = daemon.stop().unwrap();
+    assert!(errors >= 1.0, "the refused commits were counted");
+    assert!(summary.final_commit_confirmed, "{summary:?}");
 }
