@@ -25,7 +25,7 @@
 //! sleep) and are dropped, with their work released, when their partition was revoked
 //! (the new owner re-reads from the commit point) or at the hard stop of a shutdown.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -65,12 +65,8 @@ pub struct OutputRecord {
 
 impl OutputRecord {
     /// Bytes the record occupies, without Kafka's framing.
-    pub fn len(&self) -> usize {
+    pub fn byte_len(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len) + self.value.len() + headers::payload_len(&self.headers)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -214,8 +210,8 @@ impl OutputBlocks {
 /// librdkafka's producer callbacks: acknowledgements on success, the failure policy
 /// otherwise.
 pub struct ProducerCtx {
-    acks: Mutex<Sender<Ack>>,
-    retries: Mutex<Sender<OutputRecord>>,
+    acks: Sender<Ack>,
+    retries: Sender<OutputRecord>,
     metrics: Arc<Metrics>,
     counters: Arc<Counters>,
     blocks: Arc<OutputBlocks>,
@@ -247,9 +243,7 @@ impl ProducerContext for ProducerCtx {
             Ok(msg) => {
                 self.counters.published.fetch_add(1, Ordering::Relaxed);
                 self.blocks.delivered(msg.topic());
-                if let Ok(tx) = self.acks.lock() {
-                    let _ = tx.send(tag.ack);
-                }
+                let _ = self.acks.send(tag.ack);
             }
             Err((err, msg)) => {
                 let record = OutputRecord {
@@ -288,9 +282,7 @@ impl ProducerCtx {
         }
         record.permanent = class != ErrorClass::Transient;
         record.attempt += 1;
-        if let Ok(tx) = self.retries.lock() {
-            let _ = tx.send(record);
-        }
+        let _ = self.retries.send(record);
     }
 }
 
@@ -328,8 +320,8 @@ impl Output {
     ) -> Result<(Self, Receiver<OutputRecord>), KafkaError> {
         let (retry_tx, retry_rx) = std::sync::mpsc::channel();
         let ctx = ProducerCtx {
-            acks: Mutex::new(acks.clone()),
-            retries: Mutex::new(retry_tx),
+            acks: acks.clone(),
+            retries: retry_tx,
             metrics: metrics.clone(),
             counters: counters.clone(),
             blocks,
@@ -366,10 +358,10 @@ impl Output {
             attempt: 0,
             permanent: false,
         };
-        if record.len() + RECORD_OVERHEAD_BYTES > self.topics.message_max_bytes {
+        if record.byte_len() + RECORD_OVERHEAD_BYTES > self.topics.message_max_bytes {
             let why = format!(
                 "the verdict with the input's key and headers takes {} bytes, over kafka.message_max_bytes = {}",
-                record.len(),
+                record.byte_len(),
                 self.topics.message_max_bytes
             );
             return self.dead_letter(work, "output_too_large", &why);
@@ -497,35 +489,33 @@ impl RetryScheduler {
     /// Runs until the hard stop. Each record waits for its own due time; whatever is due
     /// is sent at once, whatever belongs to a revoked partition is released.
     pub fn run(self, rx: Receiver<OutputRecord>) {
-        let mut due: BinaryHeap<std::cmp::Reverse<(Instant, u64)>> = BinaryHeap::new();
-        let mut waiting: HashMap<u64, OutputRecord> = HashMap::new();
-        let mut seq = 0u64;
+        // Keyed by (due time, arrival number): the first entry is the next one due.
+        let mut waiting: BTreeMap<(Instant, u64), OutputRecord> = BTreeMap::new();
+        let mut arrivals = 0u64;
         let mut seen_revocations = self.revocations.load(Ordering::SeqCst);
+        let mut schedule = |waiting: &mut BTreeMap<(Instant, u64), OutputRecord>, record: OutputRecord| {
+            arrivals += 1;
+            let due = Instant::now() + backoff(record.attempt.saturating_sub(1), record.permanent);
+            waiting.insert((due, arrivals), record);
+        };
         loop {
             if self.output.hard_stop.load(Ordering::Relaxed) {
                 // Not acknowledged, so not committed: re-read after the restart.
                 self.metrics.retry_queue.set(0);
                 return;
             }
-            let wait = due
-                .peek()
-                .map(|std::cmp::Reverse((at, _))| at.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_millis(100))
+            let wait = waiting
+                .first_key_value()
+                .map_or(Duration::from_millis(100), |((due, _), _)| {
+                    due.saturating_duration_since(Instant::now())
+                })
                 .min(Duration::from_millis(100));
             match rx.recv_timeout(wait) {
                 Ok(record) => {
-                    seq += 1;
-                    due.push(std::cmp::Reverse((
-                        Instant::now() + backoff(record.attempt.saturating_sub(1), record.permanent),
-                        seq,
-                    )));
-                    waiting.insert(seq, record);
+                    schedule(&mut waiting, record);
                     // Take everything already queued before sending anything.
                     while let Ok(record) = rx.try_recv() {
-                        seq += 1;
-                        let at = Instant::now() + backoff(record.attempt.saturating_sub(1), record.permanent);
-                        due.push(std::cmp::Reverse((at, seq)));
-                        waiting.insert(seq, record);
+                        schedule(&mut waiting, record);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -537,22 +527,20 @@ impl RetryScheduler {
                 self.release_revoked(&mut waiting);
             }
             let now = Instant::now();
-            while let Some(std::cmp::Reverse((at, id))) = due.peek().copied() {
-                if at > now || self.output.hard_stop.load(Ordering::Relaxed) {
+            while waiting.first_key_value().is_some_and(|((due, _), _)| *due <= now) {
+                if self.output.hard_stop.load(Ordering::Relaxed) {
                     break;
                 }
-                due.pop();
-                if let Some(record) = waiting.remove(&id) {
-                    let current = self
-                        .tracker
-                        .lock()
-                        .map(|t| t.is_current(&record.ack.tp, record.ack.generation))
-                        .unwrap_or(false);
-                    if current {
-                        self.output.send(record);
-                    } else {
-                        self.output.done(record.ack);
-                    }
+                let Some((_, record)) = waiting.pop_first() else { break };
+                let current = self
+                    .tracker
+                    .lock()
+                    .map(|t| t.is_current(&record.ack.tp, record.ack.generation))
+                    .unwrap_or(false);
+                if current {
+                    self.output.send(record);
+                } else {
+                    self.output.done(record.ack);
                 }
             }
             self.metrics.retry_queue.set(waiting.len() as i64);
@@ -560,18 +548,19 @@ impl RetryScheduler {
     }
 
     /// Drops (and releases) the records whose partition is no longer assigned.
-    fn release_revoked(&self, waiting: &mut HashMap<u64, OutputRecord>) {
+    fn release_revoked(&self, waiting: &mut BTreeMap<(Instant, u64), OutputRecord>) {
         let Ok(tracker) = self.tracker.lock() else { return };
-        let stale: Vec<u64> = waiting
-            .iter()
-            .filter(|(_, r)| !tracker.is_current(&r.ack.tp, r.ack.generation))
-            .map(|(id, _)| *id)
-            .collect();
-        drop(tracker);
-        for id in stale {
-            if let Some(record) = waiting.remove(&id) {
-                self.output.done(record.ack);
+        let mut released = Vec::new();
+        waiting.retain(|_, r| {
+            let current = tracker.is_current(&r.ack.tp, r.ack.generation);
+            if !current {
+                released.push(r.ack.clone());
             }
+            current
+        });
+        drop(tracker);
+        for ack in released {
+            self.output.done(ack);
         }
     }
 }
@@ -616,14 +605,14 @@ mod tests {
         let sha = hex::encode(sha2::Sha256::digest(&w.payload));
         let (r, truncated) = dead_letter_record(w, &topics(), "undecodable", "bad");
         assert!(truncated);
-        assert!(r.len() + RECORD_OVERHEAD_BYTES <= 100_000, "{} bytes", r.len());
+        assert!(r.byte_len() + RECORD_OVERHEAD_BYTES <= 100_000, "{} bytes", r.byte_len());
         assert!(r.value.len() > 90_000, "as much of the value as fits: {}", r.value.len());
         assert_eq!(headers::find(&r.headers, "dlsr-original-length"), Some(&b"1500000"[..]));
         assert_eq!(headers::find(&r.headers, "dlsr-original-sha256"), Some(sha.as_bytes()));
         assert_eq!(headers::find(&r.headers, "dlsr-value-truncated"), Some(&b"true"[..]));
         // Headers too large to fit are dropped and counted, never sent over the limit.
         let (r, _) = dead_letter_record(work(10, 200_000), &topics(), "undecodable", "bad");
-        assert!(r.len() + RECORD_OVERHEAD_BYTES <= 100_000);
+        assert!(r.byte_len() + RECORD_OVERHEAD_BYTES <= 100_000);
         assert_eq!(headers::find(&r.headers, "dlsr-headers-dropped"), Some(&b"1"[..]));
     }
 
