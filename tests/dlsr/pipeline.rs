@@ -22,7 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedHeaders, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::common::{committed, http_get, mock_cluster as cluster, output_reader, wait_until};
 
@@ -214,6 +214,44 @@ struct Reader(BaseConsumer);
 impl Reader {
     fn new(brokers: &str, group: &str) -> Self {
         Self(output_reader(brokers, group))
+    }
+
+    /// Both output topics (one partition each) from the start, by assignment: no group
+    /// to join, so it can read up to a given point at once.
+    fn assigned(brokers: &str) -> Self {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "assigned-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for topic in ["dlsr-verdicts", "dlsr-dead-letters"] {
+            tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        Self(c)
+    }
+
+    /// Reads until `outputs` holds every record the output topics hold now.
+    fn read_to_end(&self, outputs: &mut Vec<Output>) {
+        let ends: Vec<(&str, i64)> = ["dlsr-verdicts", "dlsr-dead-letters"]
+            .into_iter()
+            .map(|t| (t, self.0.fetch_watermarks(t, 0, Duration::from_secs(5)).unwrap().1))
+            .collect();
+        let behind = |outputs: &[Output]| {
+            ends.iter().any(|(t, end)| (outputs.iter().filter(|o| o.topic == *t).count() as i64) < *end)
+        };
+        let started = Instant::now();
+        while behind(outputs) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the output topics could not be read to {ends:?}"
+            );
+            if let Some(o) = self.next(Duration::from_millis(100)) {
+                outputs.push(o);
+            }
+        }
     }
 
     /// Reads until `n` outputs or the timeout.
@@ -480,17 +518,18 @@ fn failed_deliveries_are_retried_and_commits_never_pass_an_unacknowledged_output
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
     );
     let daemon = start(config(&brokers, "g-retry"), Behaviour::default());
-    let reader = Reader::new(&brokers, "r-retry");
+    let reader = Reader::assigned(&brokers);
     let mut outputs = Vec::new();
     let started = Instant::now();
     let mut samples = 0;
     while outputs.len() < 24 && started.elapsed() < Duration::from_secs(90) {
+        // Commits first, then every output that exists by then: a commit past an input
+        // means its output had been acknowledged, so it must be among them.
         let commits = committed(&brokers, "g-retry");
-        while let Some(o) = reader.next(Duration::from_millis(50)) {
-            outputs.push(o);
-        }
+        reader.read_to_end(&mut outputs);
         assert_commits_covered(&commits, &outputs);
         samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
     }
     let summary = daemon.stop().unwrap();
     assert_eq!(outputs.len(), 24, "{summary:?}");
