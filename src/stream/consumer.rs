@@ -295,13 +295,13 @@ impl ConsumerStage {
         self.ctx().metrics.consumer_paused.set(i64::from(paused));
     }
 
-    /// Polls once and hands what it read to the pipeline without ever blocking on it.
-    /// Returns the number of messages dispatched, or None when the pipeline is gone.
+    /// Hands stashed messages on, polls once and hands what it read to the pipeline,
+    /// without ever blocking on it. Returns how many messages were newly read (0 or 1;
+    /// a stashed message was counted when it was read), or None when the pipeline is gone.
     pub fn poll_into(&mut self, work: &SyncSender<Work>) -> Option<usize> {
-        let mut sent = 0;
         while let Some(w) = self.stash.pop_front() {
             match work.try_send(w) {
-                Ok(()) => sent += 1,
+                Ok(()) => {}
                 Err(TrySendError::Full(w)) => {
                     self.stash.push_front(w);
                     break;
@@ -310,25 +310,25 @@ impl ConsumerStage {
             }
         }
         let timeout = Duration::from_millis(if self.ctx().paused.load(Ordering::SeqCst) { 20 } else { 50 });
-        let Some(polled) = self.consumer.poll(timeout) else { return Some(sent) };
+        let Some(polled) = self.consumer.poll(timeout) else { return Some(0) };
         let msg = match polled {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("consume error: {e}");
-                return Some(sent);
+                return Some(0);
             }
         };
         let tp = (msg.topic().to_string(), msg.partition());
         let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, msg.offset()));
-        let Some(generation) = generation else { return Some(sent) };
+        let Some(generation) = generation else { return Some(0) };
         self.ctx().metrics.record_consumed(msg.topic());
         let w = Work::from_message(&msg, generation);
         drop(msg);
         match work.try_send(w) {
-            Ok(()) => Some(sent + 1),
+            Ok(()) => Some(1),
             Err(TrySendError::Full(w)) => {
                 self.stash.push_back(w);
-                Some(sent + 1)
+                Some(1)
             }
             Err(TrySendError::Disconnected(_)) => None,
         }
