@@ -21,7 +21,7 @@
 //! sha256; the original stays in the input topic), and a verdict that would not fit (an
 //! input with huge headers or key) becomes a dead letter with code `output_too_large`.
 //!
-//! Retries are scheduled by deadline on one thread (a heap of due times; no per-record
+//! Retries are scheduled by deadline on one thread (records ordered by due time; no per-record
 //! sleep) and are dropped, with their work released, when their partition was revoked
 //! (the new owner re-reads from the commit point) or at the hard stop of a shutdown.
 
