@@ -27,6 +27,9 @@ fn rate(batch: i64, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     dlsr::device::init_backends();
+    if let Ok(n) = std::env::var("BENCH_SET_THREADS") {
+        tch::set_num_threads(n.parse().unwrap());
+    }
     let device = if std::env::args().any(|a| a == "cuda") { Device::Cuda(0) } else { Device::Cpu };
     let batch = 64;
     let weights = LiteVariant::Lite0.default_weights();
@@ -63,6 +66,33 @@ fn main() {
         });
         enc_rate.insert(px, r);
         println!("| encoder (Lite0) + pooling | {px} | {r:.0} |");
+        let unfolded = rate(batch, || {
+            let maps = encoder.feature_maps_unfolded(&images).unwrap();
+            let _ = pool_and_standardise("lite0", &maps).unwrap();
+            sync();
+        });
+        println!("| the same, BatchNorm not folded, NCHW (before issue #10) | {px} | {unfolded:.0} |");
+        if !device.is_cuda() {
+            let workers = tch::get_num_threads().max(1);
+            let per_worker: f64 = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..workers)
+                    .map(|_| {
+                        s.spawn(move || {
+                            tch::set_num_threads(1);
+                            let enc = EfficientNetLite::load(LiteVariant::Lite0, &LiteVariant::Lite0.default_weights(), device, Precision::F32).unwrap();
+                            let images = Tensor::randn([batch, 3, px, px], (Kind::Float, device));
+                            rate(batch, || {
+                                let maps = enc.feature_maps(&images).unwrap();
+                                let _ = pool_and_standardise("lite0", &maps).unwrap();
+                            })
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            tch::set_num_threads(workers);
+            println!("| encoder, {workers} workers of 1 thread | {px} | {per_worker:.0} |");
+        }
     }
     let lfdn_rate = |model, first_model| {
         let scorer = Scorer {

@@ -185,7 +185,7 @@ impl Scorer<'_> {
     fn reconstruct(&self, model: &Lfdn, z0: &Tensor, seeds: &[u64]) -> Result<Tensor, ScoreError> {
         let s = self.settings;
         let ab = &self.schedule.alpha_bar;
-        let (batch, dim) = (seeds.len() as i64, z0.size()[1]);
+        let dim = z0.size()[1];
         let eps = noise_batch(seeds, 0, dim, self.device)?;
         let mut z = z0.f_mul_scalar(ab[s.t0].sqrt())?.f_add(&eps.f_mul_scalar((1.0 - ab[s.t0]).sqrt())?)?;
         let mut t = s.t0;
@@ -193,8 +193,7 @@ impl Scorer<'_> {
         while t > 0 {
             let prev = t.saturating_sub(s.stride);
             let (ab_t, ab_prev) = (ab[t], ab[prev]);
-            let t_tensor = Tensor::f_full([batch], t as i64, (Kind::Int64, self.device))?;
-            let x0_hat = model.forward(&z, &t_tensor)?;
+            let x0_hat = model.forward_at(&z, t)?;
             let eps_hat = z.f_sub(&x0_hat.f_mul_scalar(ab_t.sqrt())?)?.f_div_scalar((1.0 - ab_t).sqrt())?;
             let sigma = s.eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).max(0.0).sqrt();
             let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();

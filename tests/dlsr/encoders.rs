@@ -43,6 +43,39 @@ fn lite2_classifies_imagenet_photos() {
     assert!(correct >= 17, "Lite2 got {correct}/20 top-1; weights, padding or forward pass are wrong");
 }
 
+/// The folded, channels-last network inference runs on must give the checkpoint's own
+/// layers' feature maps, on real photos at 64 and 224 px and in odd sizes (where SAME
+/// padding is asymmetric on every stride-2 layer), for both Lite variants.
+#[test]
+fn folded_encoder_matches_the_unfolded_layers() {
+    let photos = imagenet_photos();
+    for variant in [LiteVariant::Lite0, LiteVariant::Lite2] {
+        let weights = asset(variant.default_weights());
+        let net = EfficientNetLite::load(variant, &weights, Device::Cpu, Precision::F32).unwrap();
+        for size in [64i64, 77, 224] {
+            let pre = Preprocess { size, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE };
+            let batch: Vec<Tensor> = photos[..3]
+                .iter()
+                .map(|(p, _)| {
+                    let image = decode::decode(&std::fs::read(p).unwrap(), &DecodeLimits::default()).unwrap();
+                    pre.apply(&image).unwrap()
+                })
+                .collect();
+            let images = Tensor::stack(&batch, 0);
+            let folded = dlsr::model::encoder::Encoder::feature_maps(&net, &images).unwrap();
+            let reference = net.feature_maps_unfolded(&images).unwrap();
+            assert_eq!(folded.len(), reference.len());
+            for (layer, (a, b)) in folded.iter().zip(&reference).enumerate() {
+                assert_eq!(a.size(), b.size(), "{} layer {layer} at {size} px", variant.name());
+                // Relative to the layer's scale: activations reach tens.
+                let scale = b.abs().max().double_value(&[]).max(1.0);
+                let diff = (a - b).abs().max().double_value(&[]) / scale;
+                assert!(diff < 1e-4, "{} layer {layer} at {size} px: max relative difference {diff}", variant.name());
+            }
+        }
+    }
+}
+
 fn lite0_extractor(size: i64) -> FeatureExtractor {
     let spec: EncoderSpec = "lite0".parse().unwrap();
     asset(LiteVariant::Lite0.default_weights());
