@@ -1,7 +1,8 @@
 //! Scoring throughput on this machine, as a table: the encoder alone (preprocessed
 //! tensors in), the LFDN scoring alone (feature vectors in, t0 = 3 DDIM calls, with and
 //! without the first-epoch model for LR), and the two together. Batch 64, f32.
-//! Run: `cargo bench --bench throughput` (add `-- cuda` to run on the GPU).
+//! Run: `cargo bench --bench throughput` (add `-- cuda` to run on the GPU;
+//! `-- encoder PX BATCH` measures only the encoder and prints one JSON line).
 
 use std::time::Instant;
 
@@ -30,11 +31,27 @@ fn main() {
     if let Ok(n) = std::env::var("BENCH_SET_THREADS") {
         tch::set_num_threads(n.parse().unwrap());
     }
-    let device = if std::env::args().any(|a| a == "cuda") { Device::Cuda(0) } else { Device::Cpu };
-    let batch = 64;
+    let args: Vec<String> = std::env::args().collect();
+    let device = if args.iter().any(|a| a == "cuda") { Device::Cuda(0) } else { Device::Cpu };
     let weights = LiteVariant::Lite0.default_weights();
     let encoder = EfficientNetLite::load(LiteVariant::Lite0, &weights, device, Precision::F32)
         .expect("Lite0 weights (run scripts/fetch-assets.sh)");
+    // `encoder PX BATCH`: only the encoder, one JSON line (for scripts/benchmark.sh peer).
+    if let Some(i) = args.iter().position(|a| a == "encoder") {
+        let px: i64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(64);
+        let batch: i64 = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(64);
+        let images = Tensor::randn([batch, 3, px, px], (Kind::Float, device));
+        let r = rate(batch, || {
+            let maps = encoder.feature_maps(&images).unwrap();
+            let _ = pool_and_standardise("lite0", &maps).unwrap();
+            if device.is_cuda() {
+                tch::Cuda::synchronize(0);
+            }
+        });
+        println!("{{\"items_per_s\": {r:.1}}}");
+        return;
+    }
+    let batch = 64;
     let offsets = LayerOffsets(vec![0, 16, 40, 80, 192, 512]);
     let schedule = Schedule::dlsr();
     let settings = ScoreSettings::default();

@@ -5,6 +5,11 @@
 #   scripts/benchmark.sh sizes   6k train, 2k test vs 2k MNIST at 32, 64 and 224 px
 #   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
 #   scripts/benchmark.sh score   `dlsr score` throughput, batch 64, with/without encoder
+#   scripts/benchmark.sh peer    dlsr against the PyTorch peer (benches/peer/peer.py, its
+#                                plain and tuned eager configurations) on the same PNG
+#                                files, same threads, at 64 and 224 px: encoder alone and
+#                                end to end, best of ROUNDS (2) alternating runs; env:
+#                                N64 (files at 64 px, 4000), N224 (files at 224 px, 400)
 #   scripts/benchmark.sh daemon  messages/s through a real broker (tansu) vs offline
 #                                `dlsr score`, latency at half that rate, memory over time;
 #                                env: SIZE (input px, 64), N (messages per batch, 10000),
@@ -20,6 +25,7 @@ bash scripts/fetch-assets.sh >/dev/null
 cargo build --release --locked -q
 BIN=target/release/dlsr
 A="${DLSR_ASSETS:-.deps/assets}"
+DEPS_DIR="${DLSR_DEPS:-.deps}"
 TRAIN="$A/fashion-mnist/train-images-idx3-ubyte.gz"
 TEST="$A/fashion-mnist/t10k-images-idx3-ubyte.gz"
 MNIST="$A/mnist/mnist_5k.csv.gz"
@@ -68,6 +74,18 @@ n = out.count("\n"); dt = time.time() - t
 print(f"| dlsr score end to end (decode + encoder + LFDN), batch 64 | {n / dt:.0f} images/s |")
 PY
     "$BIN" features --data "$TEST" --limit 4096 --input-size 64 --batch-size 64 -q | grep time ;;
+  peer)
+    bash scripts/setup-peer.sh >/dev/null
+    rm -rf "$OUT/png64" "$OUT/png224"
+    python3 benches/peer/make_pngs.py "$OUT/png64" "$TEST" "$MNIST" "${N64:-4000}"
+    python3 benches/peer/make_pngs.py "$OUT/png224" "$TEST" "$MNIST" "${N224:-400}"
+    for px in 64 224; do
+      "$BIN" -q fit --data "$TRAIN" --limit 1500 --input-size "$px" --epochs 3 --out "$OUT/m$px.safetensors" >/dev/null
+    done
+    cargo bench --locked --bench throughput --no-run -q 2>/dev/null
+    python3 benches/peer/compare.py --dlsr "$BIN" --peer-python "$DEPS_DIR/peer-venv/bin/python" \
+      --bench "$(ls -t target/release/deps/throughput-* | grep -v '\.d$' | head -1)" \
+      --out "$OUT" --rounds "${ROUNDS:-2}" | tee "$OUT/summary.md" ;;
   daemon)
     N="${N:-10000}"
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-5000}" --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null

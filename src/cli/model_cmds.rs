@@ -245,6 +245,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (mut scored, mut failed) = (0usize, 0usize);
+    let started = std::time::Instant::now();
     for spec in &args.specs {
         let set = match DataSet::open(spec) {
             Ok(s) => s.with_limit(args.data_opts.limit),
@@ -282,6 +283,15 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     out.flush()?;
     if scored == 0 {
         bail!("nothing could be scored ({failed} error(s))");
+    }
+    if !quiet {
+        // After loading the model: the rate of reading, decoding, encoding and scoring
+        // (what scripts/benchmark.sh peer compares).
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "score: {scored} items scored, {failed} failed, in {seconds:.2} s ({:.1} items/s)",
+            scored as f64 / seconds.max(1e-9)
+        );
     }
     Ok(())
 }
