@@ -51,7 +51,7 @@ brokers = f"127.0.0.1:{kport}"
 time.sleep(0.5)
 tmp = tempfile.mkdtemp()
 cfg = os.path.join(tmp, "dlsr.toml")
-open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "bench"\n[model]\nbundle = "{BUNDLE}"\n
+open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "bench"\npublish = "all"\n[model]\nbundle = "{BUNDLE}"\n
 [metrics]\nlisten = "127.0.0.1:{mport}"\n[log]\nlevel = "warn"\n""")
 try:
     for topic in ("dlsr-verdicts", "dlsr-dead-letters"):
@@ -96,14 +96,22 @@ try:
         time.sleep(0.2)
     after = metrics(mport)
 
-    def delta(q):
+    def delta(q, name="dlsr_end_to_end_seconds"):
         # Quantile of the phase: subtract cumulative bucket counts of `before`.
-        b = {le: v for le, v in re.findall(r'^dlsr_end_to_end_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.e+-]+)$', before, re.M)}
-        lines = [f'dlsr_end_to_end_seconds_bucket{{le="{le}"}} {float(v) - float(b.get(le, 0))}'
-                 for le, v in re.findall(r'^dlsr_end_to_end_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.e+-]+)$', after, re.M)]
-        return quantile("\n".join(lines), "dlsr_end_to_end_seconds", q)
+        pattern = r'^' + name + r'_bucket{([^}]*)le="([^"]+)"[^}]*} ([0-9.e+-]+)$'
+        b = {le: v for _, le, v in re.findall(pattern, before, re.M)}
+        lines = [f'{name}_bucket{{le="{le}"}} {float(v) - float(b.get(le, 0))}'
+                 for _, le, v in re.findall(pattern, after, re.M)]
+        return quantile("\n".join(lines), name, q)
+
+    def phase_mean(name):
+        grab = lambda text, suffix: float((re.findall(r'^' + name + suffix + r'(?:{[^}]*})? ([0-9.e+-]+)$', text, re.M) or ["0"])[0])
+        n = grab(after, "_count") - grab(before, "_count")
+        return (grab(after, "_sum") - grab(before, "_sum")) / n if n else float("nan")
 
     p50, p99 = delta(0.5), delta(0.99)
+    wait50, wait99 = delta(0.5, "dlsr_batch_wait_seconds"), delta(0.99, "dlsr_batch_wait_seconds")
+    mean_batch = phase_mean("dlsr_batch_size")
     # Memory: MEM_CHUNKS (default 9) more batches of N, so 10N in all; RSS after each.
     chunks = int(os.environ.get("MEM_CHUNKS", "9"))
     rss_series = [rss_n]
@@ -118,6 +126,7 @@ try:
     print(f"| offline `dlsr score`, same images | {offline:.0f} images/s |")
     print(f"| daemon / offline | {rate / offline:.2f} |")
     print(f"| end-to-end latency at {half} msg/s: p50 / p99 (histogram bucket upper bounds) | {p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms |")
+    print(f"| at {half} msg/s: time queued for a batch p50 / p99; mean batch size | {wait50 * 1000:.0f} ms / {wait99 * 1000:.0f} ms; {mean_batch:.1f} |")
     print(f"| resident memory after {N} / {(chunks + 1) * N + n_lat} messages | {rss_n:.0f} MB / {rss_5n:.0f} MB |")
     print(f"| resident memory after each {N} messages | {' '.join(f'{r:.0f}' for r in rss_series)} MB |")
 finally:

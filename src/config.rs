@@ -296,7 +296,10 @@ impl Default for ModelConfig {
 pub struct PipelineConfig {
     /// Largest batch the scorer runs.
     pub batch_max_size: usize,
-    /// Longest a partial batch waits for more items, in milliseconds.
+    /// Longest a partial batch waits for more items, in milliseconds. 0 (the default):
+    /// adaptive batching, a batch is whatever is queued when the scorer is free (up to
+    /// `batch_max_size`), so batches are small when the queue is short and large when it
+    /// is long, and no item waits for a timer.
     pub batch_max_wait_ms: u64,
     /// Most messages between consumption and acknowledged output; the consumer pauses
     /// its partitions at this limit instead of buffering more.
@@ -311,7 +314,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             batch_max_size: 64,
-            batch_max_wait_ms: 20,
+            batch_max_wait_ms: 0,
             in_flight_limit: 512,
             decode_workers: 2,
             decode_limits: DecodeLimits::default(),

@@ -109,39 +109,7 @@ pub fn for_each_batch<E: From<ModelError>>(
         scope.spawn(move || {
             for start in (0..total).step_by(batch_size) {
                 let end = (start + batch_size).min(total);
-                let mut batch = PreparedBatch {
-                    ids: Vec::new(),
-                    seeds: Vec::new(),
-                    images: None,
-                    errors: Vec::new(),
-                    items: end - start,
-                };
-                let mut tensors = Vec::new();
-                for i in start..end {
-                    match load_item(set, i, &limits, &pre) {
-                        Ok((id, seed, t)) => {
-                            batch.ids.push(id);
-                            batch.seeds.push(seed);
-                            tensors.push(t);
-                        }
-                        Err(e) => batch.errors.push(e),
-                    }
-                }
-                if !tensors.is_empty() {
-                    match Tensor::f_stack(&tensors, 0) {
-                        Ok(t) => batch.images = Some(t),
-                        Err(e) => {
-                            let reason = e.to_string();
-                            batch.errors.extend(
-                                batch.ids.drain(..).map(|id| ItemError {
-                                    id,
-                                    kind: ItemErrorKind::Preprocess(reason.clone()),
-                                }),
-                            );
-                            batch.seeds.clear();
-                        }
-                    }
-                }
+                let batch = load_batch(set, start, end, &limits, &pre);
                 if tx.send(batch).is_err() {
                     return; // the consumer stopped on an error
                 }
@@ -300,4 +268,139 @@ pub fn encode_set_cached(
         tracing::warn!("could not write the feature cache: {e}");
     }
     Ok(encoded)
+}
+
+/// Loads one batch (`start..end` of `set`): items decoded and preprocessed, stacked.
+fn load_batch(set: &DataSet, start: usize, end: usize, limits: &DecodeLimits, pre: &Preprocess) -> PreparedBatch {
+    let mut batch =
+        PreparedBatch { ids: Vec::new(), seeds: Vec::new(), images: None, errors: Vec::new(), items: end - start };
+    let mut tensors = Vec::new();
+    for i in start..end {
+        match load_item(set, i, limits, pre) {
+            Ok((id, seed, t)) => {
+                batch.ids.push(id);
+                batch.seeds.push(seed);
+                tensors.push(t);
+            }
+            Err(e) => batch.errors.push(e),
+        }
+    }
+    if !tensors.is_empty() {
+        match Tensor::f_stack(&tensors, 0) {
+            Ok(t) => batch.images = Some(t),
+            Err(e) => {
+                let reason = e.to_string();
+                batch.errors.extend(
+                    batch.ids.drain(..).map(|id| ItemError { id, kind: ItemErrorKind::Preprocess(reason.clone()) }),
+                );
+                batch.seeds.clear();
+            }
+        }
+    }
+    batch
+}
+
+/// What a worker of [`parallel_batches`] is given for one batch.
+pub struct RawBatch {
+    pub ids: Vec<String>,
+    pub seeds: Vec<u64>,
+    /// `[B, 3, S, S]` preprocessed images (CPU); None when no item of the batch decoded.
+    pub images: Option<Tensor>,
+    pub errors: Vec<ItemError>,
+}
+
+/// Runs `set` through `workers` threads that each read, decode, preprocess and process
+/// whole batches with their own state (`make_state`, e.g. an encoder and LFDN each) and
+/// one libtorch thread, and hands the results to `consume` in data-set order.
+///
+/// On a CPU, libtorch's intra-op threads scale poorly on small tensors (a 64-px batch's
+/// maps are 32x32 to 2x2; the LFDN's products are 64 x 512): two workers of one thread
+/// did more than one worker of two threads on 2 cores (README, "Benchmark"), and a
+/// worker's decoding overlaps the other's inference. One worker runs on the calling
+/// thread's settings (the GPU case). Stops at the first error.
+pub fn parallel_batches<S, T, E>(
+    set: &DataSet,
+    opts: &EncodeOptions,
+    pre: Preprocess,
+    workers: usize,
+    label: &str,
+    make_state: impl Fn() -> Result<S, E> + Sync,
+    process: impl Fn(&mut S, RawBatch) -> Result<T, E> + Sync,
+    mut consume: impl FnMut(T) -> Result<(), E>,
+) -> Result<f64, E>
+where
+    T: Send,
+    E: Send,
+{
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let batch_size = opts.batch_size.max(1);
+    let total = set.len();
+    let batches = total.div_ceil(batch_size);
+    let workers = workers.clamp(1, batches.max(1));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let limits = opts.limits;
+    let mut progress = Progress::new(label, total as u64, opts.quiet);
+    std::thread::scope(|scope| -> Result<(), E> {
+        // Bounded: a worker that runs ahead waits instead of piling up results.
+        let (tx, rx) = mpsc::sync_channel::<(usize, usize, Result<T, E>)>(2 * workers);
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, stop, make_state, process) = (&next, &stop, &make_state, &process);
+            scope.spawn(move || {
+                if workers > 1 {
+                    tch::set_num_threads(1);
+                }
+                let mut state = match make_state() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send((usize::MAX, 0, Err(e)));
+                        return;
+                    }
+                };
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= batches || stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let start = index * batch_size;
+                    let end = (start + batch_size).min(total);
+                    let b = load_batch(set, start, end, &limits, &pre);
+                    for e in &b.errors {
+                        tracing::warn!(id = %e.id, code = e.code(), "skipped: {e}");
+                    }
+                    let raw = RawBatch { ids: b.ids, seeds: b.seeds, images: b.images, errors: b.errors };
+                    let result = process(&mut state, raw);
+                    let failed = result.is_err();
+                    if tx.send((index, end - start, result)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        // Results arrive in any order; hand them on in data-set order.
+        let mut pending = BTreeMap::new();
+        let mut expected = 0;
+        for (index, items, result) in rx {
+            let result = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            pending.insert(index, (items, result));
+            while let Some((items, r)) = pending.remove(&expected) {
+                if let Err(e) = consume(r) {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                progress.inc(items as u64, None);
+                expected += 1;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(progress.finish().as_secs_f64())
 }

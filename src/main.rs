@@ -11,9 +11,6 @@ fn main() -> ExitCode {
     // Before any tch call: a CUDA libtorch must be loaded before tensors exist.
     dlsr::device::init_backends();
     let cli = dlsr::cli::Cli::parse();
-    if matches!(cli.command, dlsr::cli::Command::Serve(_) | dlsr::cli::Command::Demo(_)) {
-        dlsr::memory::bound_onednn_primitive_cache();
-    }
     // `serve` logs as its configuration says; everything else as the flags say.
     if !matches!(cli.command, dlsr::cli::Command::Serve(_)) {
         let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn"));

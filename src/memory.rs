@@ -1,13 +1,12 @@
 //! Process-wide memory settings, applied first thing in `main`.
 //!
-//! The main cause of the daemon's memory growth was oneDNN's primitive cache, not the
-//! allocator: every new batch shape (the daemon's batches close on size or on a timer,
-//! so any size from 1 to the maximum occurs) compiles and keeps new convolution
-//! primitives, up to 1024 of them. With the cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0)
-//! `scripts/benchmark.sh daemon` held 213-285 MB from 5k to 33k messages, at the same
-//! throughput within the noise of the shared machine, where it had grown from 302 to
-//! 531 MB with the cache on. So long-running commands (`serve`, `demo`) turn it off
-//! unless the user set the variable.
+//! The first cause of the daemon's memory growth was oneDNN's primitive cache: every
+//! new batch shape compiles and keeps new convolution primitives (up to 1024), and the
+//! daemon's batches came in every size from 1 to the maximum (302 -> 531 MB over 33k
+//! messages). Turning the cache off kept memory flat but recompiled every batch's
+//! primitives. Since issue #10 the daemon pads each batch to one of a few sizes
+//! (powers of two up to 64, `stream::scorer::pad_to_bucket`), so the cache holds at
+//! most 7 shapes per layer and stays on, at its default capacity.
 //!
 //! glibc gives every thread that allocates its own malloc arena (up to 8 per core) and
 //! keeps freed memory in them. The daemon allocates image buffers and tensors on decode
@@ -22,20 +21,6 @@
 //! kernel every few seconds with `malloc_trim`. Forcing tensors into mmap instead
 //! (MALLOC_MMAP_THRESHOLD_=256k) kept memory at 216-252 MB but cut throughput by more
 //! than half (page faults on every fresh buffer), so that was not taken.
-
-/// Turns oneDNN's primitive cache off for a long-running daemon (see the module
-/// comment), unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set. Must run before
-/// libtorch runs its first convolution.
-pub fn bound_onednn_primitive_cache() {
-    if std::env::var_os("ONEDNN_PRIMITIVE_CACHE_CAPACITY").is_none() {
-        // SAFETY (edition 2024 marks set_var unsafe): called from `main` before any other
-        // thread exists, so nothing reads the environment concurrently.
-        #[allow(unused_unsafe)]
-        unsafe {
-            std::env::set_var("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0");
-        }
-    }
-}
 
 /// Caps glibc's malloc arenas (see the module comment). A no-op off glibc.
 pub fn limit_malloc_arenas() {

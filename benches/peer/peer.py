@@ -158,14 +158,20 @@ class FusedLite0(nn.Module):
         return maps
 
 
-def load_encoder(weights, tuned):
+def load_encoder(weights, tuned, device="cpu"):
+    """Lite0 from the package's .pth, or from dlsr's converted .safetensors (same values;
+    used where the package is not installed, e.g. by scripts/gpu-check.sh)."""
     model = Lite0()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False))
+    if weights.endswith(".safetensors"):
+        state = read_safetensors(weights)[1]
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=False)
+    model.load_state_dict(state)
     model.eval()
     if not tuned:
-        return model
+        return model.to(device)
     fused = FusedLite0(model).eval()
-    return fused.to(memory_format=torch.channels_last)
+    return fused.to(device, memory_format=torch.channels_last)
 
 
 def features(encoder, images, tuned):
@@ -187,19 +193,25 @@ DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16":
           "BF16": torch.bfloat16}
 
 
-def read_bundle(path):
+def read_safetensors(path):
+    """(metadata dict, name -> tensor) of a safetensors file."""
     with open(path, "rb") as f:
         raw = f.read()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
-    meta = json.loads(header.pop("__metadata__")["dlsr_bundle"])
+    metadata = header.pop("__metadata__", {})
     base = 8 + n
     tensors = {}
     for name, info in header.items():
         a, b = info["data_offsets"]
         buf = bytearray(raw[base + a : base + b])
         tensors[name] = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
-    return meta, tensors
+    return metadata, tensors
+
+
+def read_bundle(path, device="cpu"):
+    metadata, tensors = read_safetensors(path)
+    return json.loads(metadata["dlsr_bundle"]), {k: v.to(device) for k, v in tensors.items()}
 
 
 class Lfdn(nn.Module):
@@ -218,7 +230,7 @@ class Lfdn(nn.Module):
 
     def forward(self, z, t):
         half = self.width // 2
-        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
         args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
         emb = torch.cat([args.cos(), args.sin()], 1)
         if self.width % 2 == 1:
@@ -272,8 +284,8 @@ def item_noise(seeds, step, dim):
 
 
 class Scorer:
-    def __init__(self, meta, tensors):
-        self.meta = meta
+    def __init__(self, meta, tensors, device="cpu"):
+        self.meta, self.device = meta, device
         self.offsets = meta["offsets"]
         self.ab = meta["schedule"]["alpha_bar"]
         self.s = meta["scoring"]
@@ -283,18 +295,18 @@ class Scorer:
     def reconstruct(self, model, z0, seeds):
         ab, t0, stride, eta = self.ab, self.s["t0"], self.s["stride"], self.s["eta"]
         dim = z0.shape[1]
-        eps = item_noise(seeds, 0, dim)
+        eps = item_noise(seeds, 0, dim).to(self.device)
         z = z0 * math.sqrt(ab[t0]) + eps * math.sqrt(1 - ab[t0])
         t, step = t0, 1
         while t > 0:
             prev = max(t - stride, 0)
             ab_t, ab_prev = ab[t], ab[prev]
-            x0 = model(z, torch.full([len(seeds)], t, dtype=torch.int64))
+            x0 = model(z, torch.full([len(seeds)], t, dtype=torch.int64, device=self.device))
             eps_hat = (z - x0 * math.sqrt(ab_t)) / math.sqrt(1 - ab_t)
             sigma = eta * math.sqrt(max((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev), 0.0))
             z = x0 * math.sqrt(ab_prev) + eps_hat * math.sqrt(max(1 - ab_prev - sigma * sigma, 0.0))
             if sigma > 0:
-                z = z + item_noise(seeds, step, dim) * sigma
+                z = z + item_noise(seeds, step, dim).to(self.device) * sigma
             t, step = prev, step + 1
         return z
 
@@ -314,6 +326,7 @@ class Scorer:
             mse_first, _, _ = self.compare(feats, self.reconstruct(self.first, feats, seeds))
             lr = (mse_first - mse).double().tolist()
         layers = self.s.get("mfsim_layers") or list(range(len(self.offsets) - 1))
+        lm, lc = lm.cpu(), lc.cpu()
         mfsim = (-lc[:, layers].double().mean(1)).tolist()
         out = []
         for i, m in enumerate(mse.double().tolist()):
@@ -360,12 +373,12 @@ def report(name, items, seconds):
 
 
 def cmd_score(a):
-    meta, tensors = read_bundle(a.bundle)
+    meta, tensors = read_bundle(a.bundle, a.device)
     pre = meta["preprocess"]
     if pre["resize"] != "stretch":
         sys.exit(f"peer: only the stretch resize is implemented (bundle has {pre['resize']})")
-    encoder = load_encoder(a.weights, a.tuned)
-    scorer = Scorer(meta, tensors)
+    encoder = load_encoder(a.weights, a.tuned, a.device)
+    scorer = Scorer(meta, tensors, a.device)
     files = list_images(a.paths)
     out = open(a.out, "w") if a.out else sys.stdout
     started = time.perf_counter()
@@ -373,7 +386,7 @@ def cmd_score(a):
         for start in range(0, len(files), a.batch_size):
             chunk = files[start : start + a.batch_size]
             seeds, images = zip(*(load_image(p, pre) for p in chunk))
-            feats = features(encoder, torch.stack(images), a.tuned)
+            feats = features(encoder, torch.stack(images).to(a.device), a.tuned)
             for path, s in zip(chunk, scorer.score(feats, list(seeds))):
                 out.write(json.dumps({"id": os.path.basename(path), "scores": s}) + "\n")
     out.flush()
@@ -382,15 +395,18 @@ def cmd_score(a):
 
 
 def cmd_encoder(a):
-    encoder = load_encoder(a.weights, a.tuned)
+    encoder = load_encoder(a.weights, a.tuned, a.device)
     torch.manual_seed(0)
-    images = torch.randn(a.batch_size, 3, a.size, a.size)
+    images = torch.randn(a.batch_size, 3, a.size, a.size, device=a.device)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         features(encoder, images, a.tuned)  # warm-up
+        sync()
         started, n = time.perf_counter(), 0
         while time.perf_counter() - started < a.seconds or n < 3:
             features(encoder, images, a.tuned)
             n += 1
+        sync()
     report(f"encoder {'tuned' if a.tuned else 'plain'} {a.size}px batch {a.batch_size}",
            n * a.batch_size, time.perf_counter() - started)
 
@@ -405,6 +421,7 @@ def main():
         s.add_argument("--tuned", action="store_true")
         s.add_argument("--batch-size", type=int, default=64)
         s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        s.add_argument("--device", default="cpu", help="cpu or cuda")
     sc = sub.choices["score"]
     sc.add_argument("--bundle", required=True)
     sc.add_argument("--out")

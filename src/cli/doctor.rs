@@ -9,6 +9,86 @@ pub struct DoctorArgs {
     /// Also check that this device works (allocates and multiplies on it).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Also classify the 20 ImageNet photos of the foolbox samples with Lite0 on the
+    /// device (`--device`, else auto) in `--precision`: checks weights, padding and the
+    /// forward pass end to end (expect 18/20 top-1).
+    #[arg(long)]
+    pub imagenet: bool,
+    /// Also measure the bare Lite0 encoder (random images of this many pixels a side,
+    /// features pooled) on the device: images/s over about 3 s.
+    #[arg(long, value_name = "PX")]
+    pub encoder_rate: Option<i64>,
+    /// Batch size for --encoder-rate.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: i64,
+    /// Precision for --imagenet and --encoder-rate: f32, f16 (CUDA autocast) or bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: crate::model::encoder::Precision,
+}
+
+/// Images/s of the bare Lite0 encoder (features pooled) on random input.
+fn encoder_rate(
+    device: tch::Device,
+    precision: crate::model::encoder::Precision,
+    px: i64,
+    batch: i64,
+) -> anyhow::Result<f64> {
+    use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
+    use crate::model::encoder::Encoder;
+    anyhow::ensure!(px >= 8 && batch >= 1, "--encoder-rate needs at least 8 px and --batch-size at least 1");
+    let net = EfficientNetLite::load(LiteVariant::Lite0, &LiteVariant::Lite0.default_weights(), device, precision)?;
+    let images = tch::Tensor::f_randn([batch, 3, px, px], (tch::Kind::Float, device))?;
+    let sync = || {
+        if let tch::Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
+    let run = || -> anyhow::Result<()> {
+        let maps = net.feature_maps(&images)?;
+        let _pooled = crate::model::features::pool_and_standardise("lite0", &maps)?;
+        Ok(())
+    };
+    run()?;
+    sync();
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed().as_secs_f64() < 3.0 || n < 3 {
+        run()?;
+        n += 1;
+    }
+    sync();
+    Ok((n * batch) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Top-1 of Lite0 on the foolbox ImageNet photos (file names end in `_<label>`).
+fn imagenet_check(device: tch::Device, precision: crate::model::encoder::Precision) -> anyhow::Result<String> {
+    use crate::data::{decode, DecodeLimits, Normalisation, Preprocess, ResizeMode};
+    use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
+    let variant = LiteVariant::Lite0;
+    let net = EfficientNetLite::load(variant, &variant.default_weights(), device, precision)?;
+    let pre =
+        Preprocess { size: variant.native_size(), resize: ResizeMode::CenterCrop, normalisation: Normalisation::LITE };
+    let dir = crate::assets::foolbox_dir();
+    let mut photos: Vec<(std::path::PathBuf, i64)> = std::fs::read_dir(&dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/fetch-assets.sh)", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let stem = p.file_stem()?.to_str()?.to_string();
+            let label = stem.strip_prefix("imagenet_")?.rsplit('_').next()?.parse().ok()?;
+            Some((p, label))
+        })
+        .collect();
+    photos.sort();
+    anyhow::ensure!(!photos.is_empty(), "no imagenet_* photos in {}", dir.display());
+    let mut batch = Vec::new();
+    for (path, _) in &photos {
+        let image = decode::decode(&std::fs::read(path)?, &DecodeLimits::default())?;
+        batch.push(pre.apply(&image)?);
+    }
+    let logits = net.logits(&tch::Tensor::f_stack(&batch, 0)?)?;
+    let predicted: Vec<i64> = Vec::try_from(logits.f_argmax(1, false)?.f_to_device(tch::Device::Cpu)?)?;
+    let correct = photos.iter().zip(&predicted).filter(|((_, label), p)| label == *p).count();
+    Ok(format!("{correct}/{} top-1", photos.len()))
 }
 
 /// The libtorch version at run time: `build-version` (our install) or `version.py`
@@ -70,6 +150,19 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         let sum = a.f_matmul(&a)?.f_sum(tch::Kind::Double)?.f_double_value(&[])?;
         anyhow::ensure!(sum == 64.0 * 64.0 * 64.0, "matmul check on {spec} gave {sum}");
         println!("device check: {} ok (64x64 matmul)", device::describe(dev));
+    }
+    let dev = args.device.unwrap_or(DeviceSpec::Auto).resolve()?;
+    let precision = args.precision;
+    if args.imagenet {
+        println!("imagenet check: {} on {} ({precision})", imagenet_check(dev, precision)?, device::describe(dev));
+    }
+    if let Some(px) = args.encoder_rate {
+        let rate = encoder_rate(dev, precision, px, args.batch_size)?;
+        println!(
+            "encoder rate: {rate:.1} images/s (Lite0, {px} px, batch {}, {precision}, {})",
+            args.batch_size,
+            device::describe(dev)
+        );
     }
     Ok(())
 }

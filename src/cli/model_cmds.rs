@@ -11,7 +11,7 @@ use super::{DataArgs, EncoderArgs};
 use crate::data::DataSet;
 use crate::device::DeviceSpec;
 use crate::encode::{
-    cache_dir, count_by_code, encode_set_cached, for_each_batch, EncodeOptions, EncodedBatch,
+    cache_dir, count_by_code, encode_set_cached, EncodeOptions,
 };
 use crate::eval::calibration::Calibration;
 use crate::fit::{by_kind, check_output_path, fit, FitOptions};
@@ -229,18 +229,55 @@ pub struct ScoreArgs {
     /// Absolute threshold instead of the calibrated one.
     #[arg(long)]
     pub threshold: Option<f64>,
+    /// Scoring workers, each with its own model and one libtorch thread (0: one per
+    /// libtorch thread on the CPU, one on CUDA).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     #[command(flatten)]
     pub data_opts: DataArgs,
 }
 
 pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
+    // Loaded once here to check the bundle and the score before any work starts.
     let (bundle, extractor) = args.bundle.load()?;
     let kind = args.score_kind.unwrap_or(bundle.meta.default_score);
     if kind == ScoreKind::Lr && !bundle.meta.has_first_epoch {
         bail!("the bundle has no first-epoch weights, so no LR score");
     }
-    let settings = bundle.meta.scoring.clone();
-    let scorer = bundle.scorer(&settings);
+    let workers = match args.workers {
+        0 if bundle.device.is_cuda() => 1,
+        0 => tch::get_num_threads().max(1) as usize,
+        n => n,
+    };
+    let pre = extractor.preprocess;
+    // The first worker takes the models loaded above; the others load their own.
+    let loaded = std::sync::Mutex::new(Some((bundle, extractor)));
+    let make_state = || -> anyhow::Result<(Bundle, crate::model::features::FeatureExtractor)> {
+        if let Some(first) = loaded.lock().ok().and_then(|mut l| l.take()) {
+            return Ok(first);
+        }
+        args.bundle.load()
+    };
+    let process = |(bundle, extractor): &mut (Bundle, crate::model::features::FeatureExtractor),
+                   b: crate::encode::RawBatch|
+     -> anyhow::Result<(Vec<String>, usize)> {
+        let mut lines: Vec<String> = b
+            .errors
+            .iter()
+            .map(|e| serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}).to_string())
+            .collect();
+        let failed = lines.len();
+        if let Some(images) = &b.images {
+            let features = extractor.extract(images)?;
+            let settings = bundle.meta.scoring.clone();
+            let scores = bundle.scorer(&settings).score(&features.values, &b.seeds)?;
+            for (id, s) in b.ids.iter().zip(&scores) {
+                let v = judge(id, s, kind, &bundle.meta.calibration, args.threshold)?;
+                lines.push(serde_json::to_string(&v)?);
+            }
+        }
+        Ok((lines, failed))
+    };
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -259,23 +296,12 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
                 continue;
             }
         };
-        for_each_batch(&extractor, &set, &opts, "score", |b: EncodedBatch| -> anyhow::Result<()> {
-            for e in &b.errors {
-                failed += 1;
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()})
-                )?;
+        crate::encode::parallel_batches(&set, &opts, pre, workers, "score", &make_state, &process, |(lines, bad)| {
+            for line in &lines {
+                writeln!(out, "{line}")?;
             }
-            if let Some(f) = b.features {
-                let scores = scorer.score(&f.values, &b.seeds)?;
-                for (id, s) in b.ids.iter().zip(&scores) {
-                    let v = judge(id, s, kind, &bundle.meta.calibration, args.threshold)?;
-                    writeln!(out, "{}", serde_json::to_string(&v)?)?;
-                    scored += 1;
-                }
-            }
+            failed += bad;
+            scored += lines.len() - bad;
             out.flush()?;
             Ok(())
         })?;
@@ -289,7 +315,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
         // (what scripts/benchmark.sh peer compares).
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "score: {scored} items scored, {failed} failed, in {seconds:.2} s ({:.1} items/s)",
+            "score: {scored} items scored, {failed} failed, in {seconds:.2} s ({:.1} items/s, {workers} worker(s))",
             scored as f64 / seconds.max(1e-9)
         );
     }

@@ -360,7 +360,13 @@ impl EfficientNetLite {
 
     fn input(&self, images: &Tensor) -> Result<Tensor, tch::TchError> {
         let kind = if self.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };
-        images.f_to_device(self.vs.device())?.f_to_kind(kind)
+        let device = self.vs.device();
+        if device.is_cuda() && images.device() == Device::Cpu {
+            // From page-locked memory the host-to-device copy is a DMA that does not
+            // wait for the CPU; non-blocking, it queues behind the copy on the stream.
+            return images.f_pin_memory(device)?.f_to_device_(device, kind, true, false);
+        }
+        images.f_to_device(device)?.f_to_kind(kind)
     }
 
     /// Stem and the first `blocks` MBConv blocks of the folded network: the tapped maps

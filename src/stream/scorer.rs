@@ -46,7 +46,7 @@ pub struct ModelInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoringError {
-    #[error("stacking the batch: {0}")]
+    #[error("assembling the batch (stack, pad or slice): {0}")]
     Stack(#[source] tch::TchError),
     #[error("encoder: {0}")]
     Encoder(#[source] crate::model::ModelError),
@@ -106,9 +106,42 @@ impl ItemScorer for BundleScorer {
     }
 
     fn score(&mut self, images: &Tensor, seeds: &[u64]) -> Result<Vec<ItemScores>, ScoringError> {
-        let features = self.extractor.extract(images).map_err(ScoringError::Encoder)?;
-        Ok(self.bundle.scorer(&self.settings).score(&features.values, seeds)?)
+        let real = images.size().first().copied().unwrap_or(0);
+        let padded = pad_to_bucket(images).map_err(ScoringError::Stack)?;
+        let features = self.extractor.extract(&padded).map_err(ScoringError::Encoder)?;
+        // The LFDN runs on the real items only (its matrix products keep no per-shape state).
+        let values = features.values.f_narrow(0, 0, real).map_err(ScoringError::Stack)?;
+        Ok(self.bundle.scorer(&self.settings).score(&values, seeds)?)
     }
+}
+
+/// The encoder's batch sizes: powers of two, then multiples of 64.
+pub fn batch_bucket(items: i64) -> i64 {
+    if items <= 64 {
+        (items.max(1) as u64).next_power_of_two() as i64
+    } else {
+        (items + 63) / 64 * 64
+    }
+}
+
+/// Pads `[B, ...]` with zero images up to [`batch_bucket`]`(B)`. oneDNN compiles and
+/// caches convolution primitives per input shape; the daemon's batches come in every
+/// size from 1 to the maximum, so without padding its primitive cache would hold up to
+/// 64 shapes per layer (memory grew by hundreds of MB), and with the cache off every
+/// batch recompiled its primitives. With buckets there are at most 7 shapes up to 64,
+/// so the cache stays on and memory stays bounded. An item's features do not depend
+/// on the rest of its batch, so the padding changes no score.
+pub fn pad_to_bucket(images: &Tensor) -> Result<Tensor, tch::TchError> {
+    let size = images.size();
+    let Some(&batch) = size.first() else { return Ok(images.shallow_clone()) };
+    let target = batch_bucket(batch);
+    if target == batch {
+        return Ok(images.shallow_clone());
+    }
+    let mut pad_shape = size.clone();
+    pad_shape[0] = target - batch;
+    let zeros = Tensor::f_zeros(pad_shape.as_slice(), (images.kind(), images.device()))?;
+    Tensor::f_cat(&[images.shallow_clone(), zeros], 0)
 }
 
 /// A decoded message waiting for its batch.
@@ -116,6 +149,8 @@ pub struct Decoded {
     pub work: Work,
     pub image: Tensor,
     pub seed: u64,
+    /// When decoding finished: the start of the item's wait for a batch.
+    pub decoded_at: Instant,
 }
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
@@ -144,7 +179,7 @@ pub fn decode_worker(
         match result {
             Ok(image) => {
                 let seed = content_seed(&work.payload);
-                if tx.send(Decoded { work, image, seed }).is_err() {
+                if tx.send(Decoded { work, image, seed, decoded_at: Instant::now() }).is_err() {
                     return;
                 }
             }
@@ -165,7 +200,10 @@ pub struct ScoringStage {
 }
 
 impl ScoringStage {
-    /// Batches by size or wait and scores until the decoded channel closes.
+    /// Batches and scores until the decoded channel closes. Adaptive (wait 0): a batch is
+    /// what is queued when the scorer is free, up to the maximum; under load the queue
+    /// grows while a batch runs, so the next one is larger. With a wait, a partial batch
+    /// waits up to that long for more.
     pub fn run(mut self, rx: Receiver<Decoded>) {
         let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
         loop {
@@ -173,13 +211,21 @@ impl ScoringStage {
             let mut batch = vec![first];
             let deadline = Instant::now() + wait;
             while batch.len() < self.pipeline.batch_max_size {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                let next = match rx.try_recv() {
+                    Ok(d) => Ok(d),
+                    Err(_) if wait.is_zero() => break,
+                    Err(_) => rx.recv_timeout(deadline.saturating_duration_since(Instant::now())),
+                };
+                match next {
                     Ok(d) => batch.push(d),
                     Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
             self.metrics.batch_size.observe(batch.len() as f64);
             let started = Instant::now();
+            for d in &batch {
+                self.metrics.batch_wait_seconds.observe(started.saturating_duration_since(d.decoded_at).as_secs_f64());
+            }
             let scores = self.score_splitting(&batch);
             self.metrics.inference_seconds.observe(started.elapsed().as_secs_f64());
             for (d, s) in batch.into_iter().zip(scores) {
@@ -270,5 +316,23 @@ impl ScoringStage {
             Ok(value) => self.output.verdict(work, value, label),
             Err(e) => self.output.dead_letter(work, "scoring_failed", &e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_padded_to_a_few_shapes() {
+        let buckets: std::collections::BTreeSet<i64> = (1..=64).map(batch_bucket).collect();
+        assert_eq!(buckets.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(batch_bucket(65), 128);
+        assert_eq!(batch_bucket(200), 256);
+        let images = Tensor::ones([5, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let padded = pad_to_bucket(&images).unwrap();
+        assert_eq!(padded.size(), [8, 3, 4, 4]);
+        assert_eq!(padded.narrow(0, 0, 5).sum(tch::Kind::Float).double_value(&[]), 5.0 * 48.0);
+        assert_eq!(padded.narrow(0, 5, 3).abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
     }
 }

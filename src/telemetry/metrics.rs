@@ -6,7 +6,7 @@
 
 use crate::model::score::ScoreKind;
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -20,6 +20,7 @@ pub struct Metrics {
     pub layer_cosine: HistogramVec,
     pub batch_size: Histogram,
     pub decode_seconds: Histogram,
+    pub batch_wait_seconds: Histogram,
     pub inference_seconds: Histogram,
     pub end_to_end_seconds: HistogramVec,
     pub in_flight: IntGauge,
@@ -98,7 +99,12 @@ impl Metrics {
     /// `score_buckets` should come from [`score_buckets`].
     pub fn new(score_buckets: Vec<f64>) -> Self {
         let r = Registry::new();
-        let latency = exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
+        // Fine around the 100-500 ms where a latency objective sits (doubling buckets
+        // could only say "between 256 and 512 ms"), then coarse up to a minute.
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4,
+            0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+        ];
         Self {
             consumed: counter(
                 &r,
@@ -149,6 +155,12 @@ impl Metrics {
                 &r,
                 "dlsr_decode_seconds",
                 "Decoding and preprocessing one image.",
+                latency.clone(),
+            ),
+            batch_wait_seconds: plain_histogram(
+                &r,
+                "dlsr_batch_wait_seconds",
+                "From an item being decoded to its batch starting: the time spent queueing for the scorer.",
                 latency.clone(),
             ),
             inference_seconds: plain_histogram(
