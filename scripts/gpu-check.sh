@@ -77,7 +77,7 @@ res["imagenet"] = re.findall(r"imagenet check: (\d+/\d+) top-1 on (.*)", log)
 res["encoder_rate"] = [{"images_per_s": float(r), "px": int(p), "batch": int(b), "precision": q}
                        for r, p, b, q in re.findall(r"encoder rate: ([0-9.]+) images/s \(Lite0, (\d+) px, batch (\d+), (\w+)", log)]
 res["dlsr_score"] = [{"px": int(px), "precision": q, "images_per_s": float(r)} for px, q, r in
-                     re.findall(r"\+ dlsr score (\d+) px (\w+)\nscore: \d+ items scored, \d+ failed, in [0-9.]+ s \(([0-9.]+) items/s\)", log)]
+                     re.findall(r"\+ dlsr score (\d+) px (\w+)\nscore: \d+ items scored, \d+ failed, in [0-9.]+ s \(([0-9.]+) items/s", log)]
 res["peer"] = [json.loads(l) for l in re.findall(r'^\{"peer".*\}$', log, re.M)]
 def load(path):
     return {j["id"]: j for j in map(json.loads, open(path))}

@@ -47,7 +47,7 @@ def main():
         configs[(px, "encoder", "plain", 64)] = (peer + ["encoder", "--size", str(px), "--batch-size", "64"] + t, peer_rate, "stderr")
         for b in (16, 64):
             configs[(px, "encoder", "tuned", b)] = (peer + ["encoder", "--tuned", "--size", str(px), "--batch-size", str(b)] + t, peer_rate, "stderr")
-            configs[(px, "end to end", "dlsr", b)] = ([a.dlsr, "score", "--model", model, "--batch-size", str(b), files], r"\(([0-9.]+) items/s\)", "stderr")
+            configs[(px, "end to end", "dlsr", b)] = ([a.dlsr, "score", "--model", model, "--batch-size", str(b), files], r"\(([0-9.]+) items/s", "stderr")
             configs[(px, "end to end", "tuned", b)] = (peer + ["score", "--tuned", "--bundle", model, "--batch-size", str(b), "--out", os.devnull, files] + t, peer_rate, "stderr")
         configs[(px, "end to end", "plain", 64)] = (peer + ["score", "--bundle", model, "--batch-size", "64", "--out", os.devnull, files] + t, peer_rate, "stderr")
     best = {}

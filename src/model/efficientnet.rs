@@ -372,15 +372,8 @@ impl EfficientNetLite {
     /// Stem and the first `blocks` MBConv blocks of the folded network: the tapped maps
     /// and the last output. Callers wrap it in no_grad and autocast.
     fn run_blocks(&self, images: &Tensor, blocks: usize) -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
-        let mut x = self.folded_stem.forward(&channels_last(&self.input(images)?)?, true)?;
-        let mut maps = Vec::with_capacity(self.taps.len());
-        for (i, block) in self.folded_blocks.iter().enumerate().take(blocks) {
-            x = block.forward(&x)?;
-            if self.taps.contains(&i) {
-                maps.push(x.shallow_clone());
-            }
-        }
-        Ok((maps, x))
+        let stem = self.folded_stem.forward(&channels_last(&self.input(images)?)?, true)?;
+        self.tap(stem, self.folded_blocks.iter().take(blocks).map(|b| move |x: &Tensor| b.forward(x)))
     }
 
     /// [`Self::run_blocks`] on the checkpoint's own layers (BatchNorm separate, NCHW).
@@ -389,10 +382,19 @@ impl EfficientNetLite {
         images: &Tensor,
         blocks: usize,
     ) -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
-        let mut x = self.stem.forward(&self.input(images)?, true)?;
+        let stem = self.stem.forward(&self.input(images)?, true)?;
+        self.tap(stem, self.blocks.iter().take(blocks).map(|b| move |x: &Tensor| b.forward(x)))
+    }
+
+    /// Runs `blocks` in order from `x`, keeping the outputs of the tapped ones.
+    fn tap<F: Fn(&Tensor) -> Result<Tensor, tch::TchError>>(
+        &self,
+        mut x: Tensor,
+        blocks: impl Iterator<Item = F>,
+    ) -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
         let mut maps = Vec::with_capacity(self.taps.len());
-        for (i, block) in self.blocks.iter().enumerate().take(blocks) {
-            x = block.forward(&x)?;
+        for (i, block) in blocks.enumerate() {
+            x = block(&x)?;
             if self.taps.contains(&i) {
                 maps.push(x.shallow_clone());
             }

@@ -115,6 +115,15 @@ impl ItemScorer for BundleScorer {
     }
 }
 
+/// The largest encoder batch size ([`batch_bucket`]) not above `items`.
+pub fn batch_bucket_floor(items: i64) -> i64 {
+    if items <= 64 {
+        1i64 << (63 - (items.max(1) as u64).leading_zeros())
+    } else {
+        items / 64 * 64
+    }
+}
+
 /// The encoder's batch sizes: powers of two, then multiples of 64.
 pub fn batch_bucket(items: i64) -> i64 {
     if items <= 64 {
@@ -201,16 +210,30 @@ pub struct ScoringStage {
 
 impl ScoringStage {
     /// Batches and scores until the decoded channel closes. Adaptive (wait 0): a batch is
-    /// what is queued when the scorer is free, up to the maximum; under load the queue
-    /// grows while a batch runs, so the next one is larger. With a wait, a partial batch
-    /// waits up to that long for more.
+    /// what is queued when the scorer is free, up to the maximum, cut down to a bucket
+    /// size ([`batch_bucket_floor`]; the rest starts the next batch). Under load the
+    /// queue grows while a batch runs, so the next one is larger. Cutting down instead of
+    /// padding up keeps the encoder's shapes few without computing padding: a batch of
+    /// 33 padded to 64 would cost almost twice as long and let the queue grow further.
+    /// With a wait, a partial batch waits up to that long for more.
     pub fn run(mut self, rx: Receiver<Decoded>) {
         let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
+        let mut carried: std::collections::VecDeque<Decoded> = std::collections::VecDeque::new();
         loop {
-            let Ok(first) = rx.recv() else { return };
+            let first = match carried.pop_front() {
+                Some(d) => d,
+                None => match rx.recv() {
+                    Ok(d) => d,
+                    Err(_) => return,
+                },
+            };
             let mut batch = vec![first];
             let deadline = Instant::now() + wait;
             while batch.len() < self.pipeline.batch_max_size {
+                if let Some(d) = carried.pop_front() {
+                    batch.push(d);
+                    continue;
+                }
                 let next = match rx.try_recv() {
                     Ok(d) => Ok(d),
                     Err(_) if wait.is_zero() => break,
@@ -219,6 +242,12 @@ impl ScoringStage {
                 match next {
                     Ok(d) => batch.push(d),
                     Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if wait.is_zero() {
+                let keep = batch_bucket_floor(batch.len() as i64) as usize;
+                for d in batch.drain(keep.max(1)..).rev() {
+                    carried.push_front(d);
                 }
             }
             self.metrics.batch_size.observe(batch.len() as f64);
@@ -328,6 +357,9 @@ mod tests {
         let buckets: std::collections::BTreeSet<i64> = (1..=64).map(batch_bucket).collect();
         assert_eq!(buckets.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64]);
         assert_eq!(batch_bucket(65), 128);
+        let floors: Vec<i64> = [1, 2, 3, 7, 8, 9, 33, 64, 100, 130].into_iter().map(batch_bucket_floor).collect();
+        assert_eq!(floors, [1, 2, 2, 4, 8, 8, 32, 64, 64, 128]);
+        assert!((1..=300).all(|n| batch_bucket(batch_bucket_floor(n)) == batch_bucket_floor(n)));
         assert_eq!(batch_bucket(200), 256);
         let images = Tensor::ones([5, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
         let padded = pad_to_bucket(&images).unwrap();

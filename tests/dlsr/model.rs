@@ -142,6 +142,47 @@ fn score_prints_json_lines_and_error_lines() {
     assert!(photo["id_percentile"].as_f64().unwrap() > 99.0);
 }
 
+/// `score` with several workers (each its own model, batches taken in any order) writes
+/// exactly what one worker writes, in data-set order, error lines included.
+#[test]
+fn score_workers_keep_the_order_and_the_scores() {
+    let f = fitted();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.png"), b"not an image").unwrap();
+    let outputs: Vec<String> = ["1", "3"]
+        .into_iter()
+        .map(|workers| {
+            let (ok, stdout, stderr) = run(
+                &[
+                    "-q",
+                    "score",
+                    "--model",
+                    f.bundle.to_str().unwrap(),
+                    "--workers",
+                    workers,
+                    "--batch-size",
+                    "7",
+                    &mnist(),
+                    dir.path().to_str().unwrap(),
+                    "--limit",
+                    "60",
+                ],
+                &f.dir.path().join("cache"),
+            );
+            assert!(ok, "{stderr}");
+            stdout
+        })
+        .collect();
+    assert_eq!(outputs[0].lines().count(), 61, "{}", outputs[0]);
+    let ids: Vec<String> = outputs[0]
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..60).map(|i| format!("mnist_5k.csv.gz#{i}")).chain(["broken.png".into()]).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(outputs[0], outputs[1], "3 workers wrote something else than 1");
+}
+
 #[test]
 fn an_image_scores_the_same_alone_and_inside_a_batch() {
     let f = fitted();

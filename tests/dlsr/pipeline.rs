@@ -44,6 +44,8 @@ struct Stub {
     info: ModelInfo,
     behaviour: Behaviour,
     batches: Arc<AtomicUsize>,
+    /// The size of every batch scored, in order.
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 fn stub_info() -> ModelInfo {
@@ -71,6 +73,7 @@ impl ItemScorer for Stub {
 
     fn score(&mut self, images: &tch::Tensor, seeds: &[u64]) -> Result<Vec<ItemScores>, ScoringError> {
         let n = self.batches.fetch_add(1, Ordering::SeqCst) + 1;
+        self.sizes.lock().unwrap().push(seeds.len());
         std::thread::sleep(self.behaviour.delay);
         if self.behaviour.panic_on_batch == Some(n) {
             panic!("stub scorer: simulated bug on batch {n}");
@@ -112,6 +115,7 @@ struct Running {
     metrics: Arc<Metrics>,
     control: Control,
     batches: Arc<AtomicUsize>,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 impl Running {
@@ -139,11 +143,12 @@ fn start(cfg: Config, behaviour: Behaviour) -> Running {
     let info = stub_info();
     let metrics = Arc::new(Metrics::new(score_buckets(&info.calibration, &[])));
     let batches = Arc::new(AtomicUsize::new(0));
-    let stub = Stub { info, behaviour, batches: batches.clone() };
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stub = Stub { info, behaviour, batches: batches.clone(), sizes: sizes.clone() };
     let control = Control::default();
     let (c, m) = (control.clone(), metrics.clone());
     let handle = std::thread::spawn(move || daemon::run_with_scorer(cfg, None, c, m, Box::new(stub)));
-    Running { handle, metrics, control, batches }
+    Running { handle, metrics, control, batches, sizes }
 }
 
 /// A tiny PNG of one grey level (0 black .. 255 white).
@@ -490,6 +495,28 @@ fn a_non_finite_score_is_dead_lettered_and_never_judged() {
     for v in outputs.iter().filter(|o| o.topic == "dlsr-verdicts") {
         assert!(!String::from_utf8_lossy(&v.value).contains("null"), "a verdict with null fields");
     }
+}
+
+/// Adaptive batching: a batch is what is queued, cut down to a power of two (so the
+/// encoder sees a few shapes), and batches grow when the scorer falls behind; every
+/// item's time queued for its batch is in dlsr_batch_wait_seconds.
+#[test]
+fn batches_follow_the_queue_in_power_of_two_sizes_and_their_wait_is_measured() {
+    let (_cluster, brokers) = cluster();
+    produce(&brokers, grey("adaptive", 45));
+    let mut cfg = config(&brokers, "g-adaptive");
+    cfg.pipeline.batch_max_size = 16;
+    cfg.pipeline.in_flight_limit = 64;
+    let daemon = start(cfg, Behaviour { delay: Duration::from_millis(60), ..Default::default() });
+    let outputs = Reader::new(&brokers, "r-adaptive").read(45, Duration::from_secs(60));
+    assert_eq!(outputs.len(), 45);
+    let sizes = daemon.sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 45, "{sizes:?}");
+    assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= 16), "sizes {sizes:?}");
+    assert!(sizes.iter().any(|s| *s >= 4), "a slow scorer must let batches grow: {sizes:?}");
+    assert_eq!(daemon.metric("dlsr_batch_wait_seconds_count"), 45.0);
+    assert!(daemon.metric("dlsr_batch_wait_seconds_sum") > 0.0);
+    daemon.stop().unwrap();
 }
 
 #[test]
