@@ -13,7 +13,8 @@
 # the f16 scores are compared with f32), the PyTorch peer on the same card and files
 # (plain and tuned), and `dlsr demo` (the daemon on the in-process mock cluster) on CUDA.
 # It writes $OUT/gpu-check.json (OUT defaults to runs/gpu/out) and prints a table.
-# DEVICE=cpu runs the same steps on the CPU (to try the script without a GPU).
+# PYTHON names the python with torch (python3). DEVICE=cpu runs the same steps on the CPU (to try the script without a GPU); N64 and
+# N224 (prepare) set how many PNG files are scored (4096 and 1024).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=runs/gpu
@@ -29,8 +30,8 @@ prepare() {
   cp -r "$A/foolbox" "$G/assets/"
   cp "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" "$G/assets/fashion-mnist/"
   cp "$A/mnist/mnist_5k.csv.gz" "$G/assets/mnist/"
-  python3 benches/peer/make_pngs.py "$G/png64" "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" "$A/mnist/mnist_5k.csv.gz" 4096
-  python3 benches/peer/make_pngs.py "$G/png224" "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" "$A/mnist/mnist_5k.csv.gz" 1024
+  python3 benches/peer/make_pngs.py "$G/png64" "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" "$A/mnist/mnist_5k.csv.gz" "${N64:-4096}"
+  python3 benches/peer/make_pngs.py "$G/png224" "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" "$A/mnist/mnist_5k.csv.gz" "${N224:-1024}"
   for px in 64 224; do
     target/release/dlsr -q fit --data "$A/fashion-mnist/train-images-idx3-ubyte.gz" --limit 1500 \
       --input-size "$px" --epochs 3 --out "$G/m$px.safetensors" >/dev/null
@@ -39,16 +40,17 @@ prepare() {
 }
 
 run() {
-  local DEVICE="${DEVICE:-cuda}" OUTDIR="${OUT:-$G/out}" BIN="$G/dlsr"
+  local DEVICE="${DEVICE:-cuda}" OUTDIR="${OUT:-$G/out}" BIN="$G/dlsr" PY="${PYTHON:-python3}"
   mkdir -p "$OUTDIR"
   local TORCH_LIB
-  TORCH_LIB="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+  TORCH_LIB="$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
   export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export DLSR_ASSETS="$G/assets" DLSR_CACHE="$OUTDIR/cache"
   local W="$G/assets/weights/efficientnet-lite0.safetensors" B=256
   [ "$DEVICE" = cpu ] && B=64
   local log="$OUTDIR/gpu-check.log"; : > "$log"
-  step() { echo "+ $*" | tee -a "$log" >&2; "$@" 2>&1 | tee -a "$log"; }
+  # A failing step is logged and the rest still run: one window, as much as it can tell.
+  step() { echo "+ $*" | tee -a "$log" >&2; "$@" 2>&1 | tee -a "$log" || echo "FAILED: $*" | tee -a "$log"; }
   step "$BIN" doctor --device "$DEVICE" --imagenet --encoder-rate 64 --batch-size "$B"
   step "$BIN" doctor --device "$DEVICE" --imagenet --encoder-rate 224 --batch-size "$B" --precision f16
   step "$BIN" doctor --device "$DEVICE" --encoder-rate 224 --batch-size "$B"
@@ -57,22 +59,23 @@ run() {
     for prec in f32 f16; do
       echo "+ dlsr score $px px $prec" | tee -a "$log" >&2
       "$BIN" score --device "$DEVICE" --precision "$prec" --batch-size "$B" --model "$G/m$px.safetensors" \
-        "$G/png$px" > "$OUTDIR/score-$px-$prec.jsonl" 2>> "$log"
+        "$G/png$px" > "$OUTDIR/score-$px-$prec.jsonl" 2>> "$log" || echo "FAILED: dlsr score $px $prec" >> "$log"
       tail -1 "$log"
     done
     for mode in "" --tuned; do
-      step python3 benches/peer/peer.py score --device "$DEVICE" $mode --weights "$W" --batch-size "$B" \
+      step "$PY" benches/peer/peer.py score --device "$DEVICE" $mode --weights "$W" --batch-size "$B" \
         --bundle "$G/m$px.safetensors" --out "$OUTDIR/peer-$px${mode}.jsonl" "$G/png$px"
-      step python3 benches/peer/peer.py encoder --device "$DEVICE" $mode --weights "$W" --batch-size "$B" --size "$px"
+      step "$PY" benches/peer/peer.py encoder --device "$DEVICE" $mode --weights "$W" --batch-size "$B" --size "$px"
     done
   done
   step timeout 240 "$BIN" demo --device "$DEVICE" --bundle "$G/m64.safetensors" --id-images 3000 --ood-images 1000 \
     --metrics-listen 127.0.0.1:0 --timeout 200
-  python3 - "$OUTDIR" "$DEVICE" <<'PY'
+  "$PY" - "$OUTDIR" "$DEVICE" <<'PY'
 import json, re, sys
 out, device = sys.argv[1], sys.argv[2]
 log = open(f"{out}/gpu-check.log").read()
 res = {"device": device}
+res["failed"] = re.findall(r"^FAILED: (.*)", log, re.M)
 res["imagenet"] = re.findall(r"imagenet check: (\d+/\d+) top-1 on (.*)", log)
 res["encoder_rate"] = [{"images_per_s": float(r), "px": int(p), "batch": int(b), "precision": q}
                        for r, p, b, q in re.findall(r"encoder rate: ([0-9.]+) images/s \(Lite0, (\d+) px, batch (\d+), (\w+)", log)]
@@ -106,6 +109,8 @@ for p in res["peer"]:
     print(f"| peer {p['peer']} | {p['items_per_s']:.0f} images/s |")
 for px, d in drift.items():
     print(f"| f16 against f32 at {px} px | {d} |")
+for f in res["failed"]:
+    print(f"| FAILED | {f} |")
 for line in res["demo"]:
     print(f"| demo | {line.strip()} |")
 PY
