@@ -306,6 +306,10 @@ pub struct PipelineConfig {
     pub in_flight_limit: usize,
     /// Threads decoding and preprocessing images.
     pub decode_workers: usize,
+    /// Scorer threads, each with its own model and, when more than one, one libtorch
+    /// thread (0: one per libtorch thread on the CPU, one on CUDA). On a CPU, one-thread
+    /// scorers side by side score more than one scorer of as many threads.
+    pub scorer_workers: usize,
     /// Image decoding limits (bytes, width, height, pixels).
     pub decode_limits: DecodeLimits,
 }
@@ -317,6 +321,7 @@ impl Default for PipelineConfig {
             batch_max_wait_ms: 0,
             in_flight_limit: 512,
             decode_workers: 2,
+            scorer_workers: 0,
             decode_limits: DecodeLimits::default(),
         }
     }
@@ -474,6 +479,9 @@ impl Config {
         }
         if p.decode_workers == 0 || p.decode_workers > 64 {
             return Err(invalid("pipeline.decode_workers", "must be in 1..=64"));
+        }
+        if p.scorer_workers > 64 {
+            return Err(invalid("pipeline.scorer_workers", "must be in 0..=64 (0: automatic)"));
         }
         self.validate_thresholds()?;
         self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|e| {

@@ -32,7 +32,7 @@ use super::consumer::{ConsumerCtx, ConsumerStage, Work};
 use super::kafka::{consumer_config, producer_config};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
-use super::scorer::{decode_worker, BundleScorer, Decoded, ItemScorer, ModelInfo, ScoringStage};
+use super::scorer::{decode_worker, BundleScorer, Decoded, DecodedQueue, ItemScorer, ModelInfo, ScoringStage};
 use super::supervise::{self, Faults};
 use super::thresholds::Thresholds;
 use crate::config::{Config, ConfigError};
@@ -108,8 +108,15 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let scorer = BundleScorer::load(&cfg.model)?;
-    run_with_scorer(cfg, config_path, control, metrics, Box::new(scorer))
+    let workers = match cfg.pipeline.scorer_workers {
+        0 if cfg.model.device.resolve().map(|d| d.is_cuda()).unwrap_or(false) => 1,
+        0 => tch::get_num_threads().max(1) as usize,
+        n => n,
+    };
+    let scorers = (0..workers)
+        .map(|_| BundleScorer::load(&cfg.model).map(|s| Box::new(s) as Box<dyn ItemScorer>))
+        .collect::<Result<Vec<_>, _>>()?;
+    run_with_scorer(cfg, config_path, control, metrics, scorers)
 }
 
 /// The stages' threads and channels, started by [`start_pipeline`].
@@ -150,10 +157,10 @@ pub fn run_with_scorer(
     config_path: Option<PathBuf>,
     control: Control,
     metrics: Arc<Metrics>,
-    scorer: Box<dyn ItemScorer>,
+    scorers: Vec<Box<dyn ItemScorer>>,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let model = scorer.model().clone();
+    let model = scorers.first().ok_or_else(|| DaemonError::Model("no scorer".into()))?.model().clone();
     let thresholds =
         Thresholds::resolve(&cfg.thresholds, &model.calibration, model.default_score, model.has_lr)?;
     publish_model_metrics(&metrics, &cfg, &model, &thresholds);
@@ -199,16 +206,19 @@ pub fn run_with_scorer(
         revocations: consumer.ctx().revocations.clone(),
         metrics: metrics.clone(),
     };
-    let stage = ScoringStage {
-        scorer,
-        thresholds: thresholds.clone(),
-        output: output.clone(),
-        metrics: metrics.clone(),
-        counters: counters.clone(),
-        pipeline: cfg.pipeline.clone(),
-        publish: cfg.kafka.publish,
-    };
-    let pipeline = start_pipeline(&cfg, &model, stage, retries, retry_rx, &output, &metrics, &faults)?;
+    let stages = scorers
+        .into_iter()
+        .map(|scorer| ScoringStage {
+            scorer,
+            thresholds: thresholds.clone(),
+            output: output.clone(),
+            metrics: metrics.clone(),
+            counters: counters.clone(),
+            pipeline: cfg.pipeline.clone(),
+            publish: cfg.kafka.publish,
+        })
+        .collect();
+    let pipeline = start_pipeline(&cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults)?;
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
         brokers = %cfg.kafka.brokers,
@@ -363,7 +373,7 @@ impl Daemon {
 fn start_pipeline(
     cfg: &Config,
     model: &ModelInfo,
-    stage: ScoringStage,
+    stages: Vec<ScoringStage>,
     retries: RetryScheduler,
     retry_rx: mpsc::Receiver<super::producer::OutputRecord>,
     output: &Arc<Output>,
@@ -384,10 +394,19 @@ fn start_pipeline(
         threads.push(spawned.map_err(DaemonError::Thread)?);
     }
     drop(decoded_tx);
-    threads.push(
-        supervise::spawn("dlsr-scorer", faults, move || stage.run(decoded_rx))
-            .map_err(DaemonError::Thread)?,
-    );
+    // Scorers share the decoded queue; each forms its batches under its lock.
+    let decoded_rx = Arc::new(Mutex::new(DecodedQueue::new(decoded_rx)));
+    let one_thread_each = stages.len() > 1;
+    for (i, stage) in stages.into_iter().enumerate() {
+        let rx = decoded_rx.clone();
+        let spawned = supervise::spawn(&format!("dlsr-scorer-{i}"), faults, move || {
+            if one_thread_each {
+                tch::set_num_threads(1);
+            }
+            stage.run(&rx)
+        });
+        threads.push(spawned.map_err(DaemonError::Thread)?);
+    }
     threads.push(
         supervise::spawn("dlsr-retry", faults, move || retries.run(retry_rx)).map_err(DaemonError::Thread)?,
     );

@@ -197,7 +197,20 @@ pub fn decode_worker(
     }
 }
 
-/// Everything the scorer thread owns or shares.
+/// The decoded items waiting for a scorer: the channel from the decode workers and the
+/// items a batch was cut short of (they go first). Shared by the scorers under a lock.
+pub struct DecodedQueue {
+    rx: Receiver<Decoded>,
+    carried: std::collections::VecDeque<Decoded>,
+}
+
+impl DecodedQueue {
+    pub fn new(rx: Receiver<Decoded>) -> Self {
+        Self { rx, carried: std::collections::VecDeque::new() }
+    }
+}
+
+/// Everything a scorer thread owns or shares.
 pub struct ScoringStage {
     pub scorer: Box<dyn ItemScorer>,
     pub thresholds: Arc<RwLock<Thresholds>>,
@@ -216,39 +229,15 @@ impl ScoringStage {
     /// padding up keeps the encoder's shapes few without computing padding: a batch of
     /// 33 padded to 64 would cost almost twice as long and let the queue grow further.
     /// With a wait, a partial batch waits up to that long for more.
-    pub fn run(mut self, rx: Receiver<Decoded>) {
-        let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
-        let mut carried: std::collections::VecDeque<Decoded> = std::collections::VecDeque::new();
+    /// Several scorers share `queue`; each takes its batch under the lock.
+    pub fn run(mut self, queue: &Mutex<DecodedQueue>) {
         loop {
-            let first = match carried.pop_front() {
-                Some(d) => d,
-                None => match rx.recv() {
-                    Ok(d) => d,
-                    Err(_) => return,
-                },
+            let batch = match queue.lock() {
+                Ok(mut q) => self.next_batch(&mut q),
+                Err(_) => return,
             };
-            let mut batch = vec![first];
-            let deadline = Instant::now() + wait;
-            while batch.len() < self.pipeline.batch_max_size {
-                if let Some(d) = carried.pop_front() {
-                    batch.push(d);
-                    continue;
-                }
-                let next = match rx.try_recv() {
-                    Ok(d) => Ok(d),
-                    Err(_) if wait.is_zero() => break,
-                    Err(_) => rx.recv_timeout(deadline.saturating_duration_since(Instant::now())),
-                };
-                match next {
-                    Ok(d) => batch.push(d),
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            if wait.is_zero() {
-                let keep = batch_bucket_floor(batch.len() as i64) as usize;
-                for d in batch.drain(keep.max(1)..).rev() {
-                    carried.push_front(d);
-                }
+            if batch.is_empty() {
+                return;
             }
             self.metrics.batch_size.observe(batch.len() as f64);
             let started = Instant::now();
@@ -264,6 +253,45 @@ impl ScoringStage {
                 }
             }
         }
+    }
+
+    /// The next batch (see [`Self::run`]); empty when the channel closed and nothing is
+    /// carried. Blocks on the channel only when nothing is carried, so a carried item
+    /// never waits for a new message.
+    fn next_batch(&self, queue: &mut DecodedQueue) -> Vec<Decoded> {
+        let DecodedQueue { rx, carried } = queue;
+        let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
+        let first = match carried.pop_front() {
+            Some(d) => d,
+            None => match rx.recv() {
+                Ok(d) => d,
+                Err(_) => return Vec::new(),
+            },
+        };
+        let mut batch = vec![first];
+        let deadline = Instant::now() + wait;
+        while batch.len() < self.pipeline.batch_max_size {
+            if let Some(d) = carried.pop_front() {
+                batch.push(d);
+                continue;
+            }
+            let next = match rx.try_recv() {
+                Ok(d) => Ok(d),
+                Err(_) if wait.is_zero() => break,
+                Err(_) => rx.recv_timeout(deadline.saturating_duration_since(Instant::now())),
+            };
+            match next {
+                Ok(d) => batch.push(d),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if wait.is_zero() {
+            let keep = batch_bucket_floor(batch.len() as i64) as usize;
+            for d in batch.drain(keep.max(1)..).rev() {
+                carried.push_front(d);
+            }
+        }
+        batch
     }
 
     /// Scores `items`; a failing batch is split in halves down to single items, so one

@@ -140,14 +140,29 @@ impl Running {
 }
 
 fn start(cfg: Config, behaviour: Behaviour) -> Running {
+    start_scorers(cfg, behaviour, 1)
+}
+
+/// The daemon with `scorers` stub scorers side by side (sharing the batch counters).
+fn start_scorers(cfg: Config, behaviour: Behaviour, scorers: usize) -> Running {
     let info = stub_info();
     let metrics = Arc::new(Metrics::new(score_buckets(&info.calibration, &[])));
     let batches = Arc::new(AtomicUsize::new(0));
     let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stub = Stub { info, behaviour, batches: batches.clone(), sizes: sizes.clone() };
+    let stubs: Vec<Box<dyn ItemScorer>> = (0..scorers)
+        .map(|_| {
+            let stub = Stub {
+                info: info.clone(),
+                behaviour: behaviour.clone(),
+                batches: batches.clone(),
+                sizes: sizes.clone(),
+            };
+            Box::new(stub) as Box<dyn ItemScorer>
+        })
+        .collect();
     let control = Control::default();
     let (c, m) = (control.clone(), metrics.clone());
-    let handle = std::thread::spawn(move || daemon::run_with_scorer(cfg, None, c, m, Box::new(stub)));
+    let handle = std::thread::spawn(move || daemon::run_with_scorer(cfg, None, c, m, stubs));
     Running { handle, metrics, control, batches, sizes }
 }
 
@@ -497,9 +512,11 @@ fn a_non_finite_score_is_dead_lettered_and_never_judged() {
     }
 }
 
-/// Adaptive batching: a batch is what is queued, cut down to a power of two (so the
-/// encoder sees a few shapes), and batches grow when the scorer falls behind; every
-/// item's time queued for its batch is in dlsr_batch_wait_seconds.
+/// Adaptive batching with two scorers sharing the queue: a batch is what is queued, cut
+/// down to a power of two (so the encoder sees a few shapes; the cut-off items go first
+/// next, whichever scorer takes them, so none is left behind when the stream stops),
+/// and batches grow when the scorers fall behind; every item's time queued for its
+/// batch is in dlsr_batch_wait_seconds.
 #[test]
 fn batches_follow_the_queue_in_power_of_two_sizes_and_their_wait_is_measured() {
     let (_cluster, brokers) = cluster();
@@ -507,7 +524,7 @@ fn batches_follow_the_queue_in_power_of_two_sizes_and_their_wait_is_measured() {
     let mut cfg = config(&brokers, "g-adaptive");
     cfg.pipeline.batch_max_size = 16;
     cfg.pipeline.in_flight_limit = 64;
-    let daemon = start(cfg, Behaviour { delay: Duration::from_millis(60), ..Default::default() });
+    let daemon = start_scorers(cfg, Behaviour { delay: Duration::from_millis(60), ..Default::default() }, 2);
     let outputs = Reader::new(&brokers, "r-adaptive").read(45, Duration::from_secs(60));
     assert_eq!(outputs.len(), 45);
     let sizes = daemon.sizes.lock().unwrap().clone();
