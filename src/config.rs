@@ -306,9 +306,9 @@ pub struct PipelineConfig {
     pub in_flight_limit: usize,
     /// Threads decoding and preprocessing images.
     pub decode_workers: usize,
-    /// Scorer threads, each with its own model and, when more than one, one libtorch
-    /// thread (0: one per libtorch thread on the CPU, one on CUDA). On a CPU, one-thread
-    /// scorers side by side score more than one scorer of as many threads.
+    /// Scorer threads, each with its own model and, when more than one, a share of the
+    /// libtorch threads (0: one per libtorch thread, at most 4, on the CPU; one on CUDA).
+    /// On a CPU, small scorers side by side score more than one scorer of as many threads.
     pub scorer_workers: usize,
     /// Image decoding limits (bytes, width, height, pixels).
     pub decode_limits: DecodeLimits,

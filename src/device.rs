@@ -176,3 +176,35 @@ mod tests {
         assert!("tpu".parse::<DeviceSpec>().is_err());
     }
 }
+
+/// The automatic number of CPU scoring workers: one per libtorch thread, at most 4
+/// (each holds its own model; beyond a few, larger workers are the better use of cores).
+pub const MAX_AUTO_WORKERS: usize = 4;
+
+/// Workers for `requested` (0: automatic) on `device`, and the libtorch threads each
+/// should use: on CUDA one worker; on the CPU the cores split between the workers.
+pub fn scoring_workers(requested: usize, device: tch::Device) -> (usize, i32) {
+    let cores = tch::get_num_threads().max(1);
+    let workers = match requested {
+        0 if device.is_cuda() => 1,
+        0 => (cores as usize).min(MAX_AUTO_WORKERS),
+        n => n,
+    };
+    (workers, (cores / workers as i32).max(1))
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::*;
+
+    #[test]
+    fn automatic_workers_are_bounded_and_share_the_cores() {
+        let cores = tch::get_num_threads().max(1);
+        let (auto, threads) = scoring_workers(0, tch::Device::Cpu);
+        assert_eq!(auto, (cores as usize).min(MAX_AUTO_WORKERS));
+        assert_eq!(threads, (cores / auto as i32).max(1));
+        assert_eq!(scoring_workers(0, tch::Device::Cuda(0)).0, 1);
+        assert_eq!(scoring_workers(3, tch::Device::Cpu).0, 3);
+        assert!(scoring_workers(3 * cores as usize, tch::Device::Cpu).1 >= 1);
+    }
+}

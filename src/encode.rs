@@ -311,7 +311,7 @@ pub struct RawBatch {
 
 /// Runs `set` through `workers` threads that each read, decode, preprocess and process
 /// whole batches with their own state (`make_state`, e.g. an encoder and LFDN each) and
-/// one libtorch thread, and hands the results to `consume` in data-set order.
+/// `threads_each` libtorch threads, and hands the results to `consume` in data-set order.
 ///
 /// On a CPU, libtorch's intra-op threads scale poorly on small tensors (a 64-px batch's
 /// maps are 32x32 to 2x2; the LFDN's products are 64 x 512): two workers of one thread
@@ -322,7 +322,7 @@ pub fn parallel_batches<S, T, E>(
     set: &DataSet,
     opts: &EncodeOptions,
     pre: Preprocess,
-    workers: usize,
+    (workers, threads_each): (usize, i32),
     label: &str,
     make_state: impl Fn() -> Result<S, E> + Sync,
     process: impl Fn(&mut S, RawBatch) -> Result<T, E> + Sync,
@@ -349,7 +349,7 @@ where
             let (next, stop, make_state, process) = (&next, &stop, &make_state, &process);
             scope.spawn(move || {
                 if workers > 1 {
-                    tch::set_num_threads(1);
+                    tch::set_num_threads(threads_each);
                 }
                 let mut state = match make_state() {
                     Ok(s) => s,

@@ -229,8 +229,8 @@ pub struct ScoreArgs {
     /// Absolute threshold instead of the calibrated one.
     #[arg(long)]
     pub threshold: Option<f64>,
-    /// Scoring workers, each with its own model and one libtorch thread (0: one per
-    /// libtorch thread on the CPU, one on CUDA).
+    /// Scoring workers, each with its own model and a share of the libtorch threads (0:
+    /// one per libtorch thread, at most 4, on the CPU; one on CUDA).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
     #[command(flatten)]
@@ -244,11 +244,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     if kind == ScoreKind::Lr && !bundle.meta.has_first_epoch {
         bail!("the bundle has no first-epoch weights, so no LR score");
     }
-    let workers = match args.workers {
-        0 if bundle.device.is_cuda() => 1,
-        0 => tch::get_num_threads().max(1) as usize,
-        n => n,
-    };
+    let (workers, threads_each) = crate::device::scoring_workers(args.workers, bundle.device);
     let pre = extractor.preprocess;
     // The first worker takes the models loaded above; the others load their own.
     let loaded = std::sync::Mutex::new(Some((bundle, extractor)));
@@ -296,7 +292,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
                 continue;
             }
         };
-        crate::encode::parallel_batches(&set, &opts, pre, workers, "score", &make_state, &process, |(lines, bad)| {
+        crate::encode::parallel_batches(&set, &opts, pre, (workers, threads_each), "score", &make_state, &process, |(lines, bad)| {
             for line in &lines {
                 writeln!(out, "{line}")?;
             }

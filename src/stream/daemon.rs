@@ -108,11 +108,8 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let workers = match cfg.pipeline.scorer_workers {
-        0 if cfg.model.device.resolve().map(|d| d.is_cuda()).unwrap_or(false) => 1,
-        0 => tch::get_num_threads().max(1) as usize,
-        n => n,
-    };
+    let device = cfg.model.device.resolve().map_err(|e| DaemonError::Model(e.to_string()))?;
+    let (workers, _) = crate::device::scoring_workers(cfg.pipeline.scorer_workers, device);
     let scorers = (0..workers)
         .map(|_| BundleScorer::load(&cfg.model).map(|s| Box::new(s) as Box<dyn ItemScorer>))
         .collect::<Result<Vec<_>, _>>()?;
@@ -396,12 +393,12 @@ fn start_pipeline(
     drop(decoded_tx);
     // Scorers share the decoded queue; each forms its batches under its lock.
     let decoded_rx = Arc::new(Mutex::new(DecodedQueue::new(decoded_rx)));
-    let one_thread_each = stages.len() > 1;
+    let (workers, threads_each) = crate::device::scoring_workers(stages.len(), tch::Device::Cpu);
     for (i, stage) in stages.into_iter().enumerate() {
         let rx = decoded_rx.clone();
         let spawned = supervise::spawn(&format!("dlsr-scorer-{i}"), faults, move || {
-            if one_thread_each {
-                tch::set_num_threads(1);
+            if workers > 1 {
+                tch::set_num_threads(threads_each);
             }
             stage.run(&rx)
         });
