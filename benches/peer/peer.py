@@ -390,7 +390,7 @@ def cmd_score(a):
             for path, s in zip(chunk, scorer.score(feats, list(seeds))):
                 out.write(json.dumps({"id": os.path.basename(path), "scores": s}) + "\n")
     out.flush()
-    report(f"score {'tuned' if a.tuned else 'plain'} batch {a.batch_size}", len(files),
+    report(f"score {'tuned' if a.tuned else 'plain'} {pre['size']}px batch {a.batch_size}", len(files),
            time.perf_counter() - started)
 
 
