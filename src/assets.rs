@@ -27,6 +27,20 @@ pub fn foolbox_dir() -> PathBuf {
     root().join("foolbox")
 }
 
+/// The foolbox ImageNet photos (`imagenet_NN_<label>.jpg`) with their labels, sorted.
+pub fn imagenet_photos() -> std::io::Result<Vec<(PathBuf, i64)>> {
+    let mut photos: Vec<(PathBuf, i64)> = std::fs::read_dir(foolbox_dir())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let stem = p.file_stem()?.to_str()?.to_string();
+            let label = stem.strip_prefix("imagenet_")?.rsplit('_').next()?.parse().ok()?;
+            Some((p, label))
+        })
+        .collect();
+    photos.sort();
+    Ok(photos)
+}
+
 /// Every asset the project knows, for `dlsr doctor`.
 pub fn inventory() -> Vec<(&'static str, PathBuf)> {
     vec![

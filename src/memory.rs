@@ -4,9 +4,10 @@
 //! new batch shape compiles and keeps new convolution primitives (up to 1024), and the
 //! daemon's batches came in every size from 1 to the maximum (302 -> 531 MB over 33k
 //! messages). Turning the cache off kept memory flat but recompiled every batch's
-//! primitives. Since issue #10 the daemon pads each batch to one of a few sizes
-//! (powers of two up to 64, `stream::scorer::pad_to_bucket`), so the cache holds at
-//! most 7 shapes per layer and stays on, at its default capacity.
+//! primitives. Since issue #10 the daemon's batches come in a few sizes only (powers
+//! of two up to 64: adaptive batches are cut down to one, others padded up by
+//! `stream::scorer::pad_to_bucket`), so the cache holds at most 7 shapes per layer
+//! and stays on, at its default capacity.
 //!
 //! glibc gives every thread that allocates its own malloc arena (up to 8 per core) and
 //! keeps freed memory in them. The daemon allocates image buffers and tensors on decode

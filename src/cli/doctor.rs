@@ -60,34 +60,38 @@ fn encoder_rate(
     Ok((n * batch) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Top-1 of Lite0 on the foolbox ImageNet photos (file names end in `_<label>`).
-fn imagenet_check(device: tch::Device, precision: crate::model::encoder::Precision) -> anyhow::Result<String> {
+/// Top-1 predictions of `net` (a `variant` network) on labelled ImageNet photos, with
+/// ImageNet evaluation preprocessing (centre crop at the native size): how many are
+/// right, and every prediction. `dlsr doctor --imagenet` and the encoder tests use it.
+pub fn imagenet_top1(
+    net: &crate::model::efficientnet::EfficientNetLite,
+    variant: crate::model::efficientnet::LiteVariant,
+    photos: &[(std::path::PathBuf, i64)],
+) -> anyhow::Result<(usize, Vec<i64>)> {
     use crate::data::{decode, DecodeLimits, Normalisation, Preprocess, ResizeMode};
-    use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
-    let variant = LiteVariant::Lite0;
-    let net = EfficientNetLite::load(variant, &variant.default_weights(), device, precision)?;
     let pre =
         Preprocess { size: variant.native_size(), resize: ResizeMode::CenterCrop, normalisation: Normalisation::LITE };
-    let dir = crate::assets::foolbox_dir();
-    let mut photos: Vec<(std::path::PathBuf, i64)> = std::fs::read_dir(&dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/fetch-assets.sh)", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter_map(|p| {
-            let stem = p.file_stem()?.to_str()?.to_string();
-            let label = stem.strip_prefix("imagenet_")?.rsplit('_').next()?.parse().ok()?;
-            Some((p, label))
-        })
-        .collect();
-    photos.sort();
-    anyhow::ensure!(!photos.is_empty(), "no imagenet_* photos in {}", dir.display());
     let mut batch = Vec::new();
-    for (path, _) in &photos {
+    for (path, _) in photos {
         let image = decode::decode(&std::fs::read(path)?, &DecodeLimits::default())?;
         batch.push(pre.apply(&image)?);
     }
     let logits = net.logits(&tch::Tensor::f_stack(&batch, 0)?)?;
     let predicted: Vec<i64> = Vec::try_from(logits.f_argmax(1, false)?.f_to_device(tch::Device::Cpu)?)?;
     let correct = photos.iter().zip(&predicted).filter(|((_, label), p)| label == *p).count();
+    Ok((correct, predicted))
+}
+
+/// Top-1 of Lite0 on the foolbox ImageNet photos.
+fn imagenet_check(device: tch::Device, precision: crate::model::encoder::Precision) -> anyhow::Result<String> {
+    use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
+    let variant = LiteVariant::Lite0;
+    let net = EfficientNetLite::load(variant, &variant.default_weights(), device, precision)?;
+    let dir = crate::assets::foolbox_dir();
+    let photos = crate::assets::imagenet_photos()
+        .map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/fetch-assets.sh)", dir.display()))?;
+    anyhow::ensure!(!photos.is_empty(), "no imagenet_* photos in {}", dir.display());
+    let (correct, _) = imagenet_top1(&net, variant, &photos)?;
     Ok(format!("{correct}/{} top-1", photos.len()))
 }
 

@@ -3,7 +3,7 @@
 //! returns typed errors.
 
 pub mod demo;
-mod doctor;
+pub mod doctor;
 mod features;
 mod model_cmds;
 mod stream_cmds;

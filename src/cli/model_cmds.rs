@@ -265,8 +265,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
         let failed = lines.len();
         if let Some(images) = &b.images {
             let features = extractor.extract(images)?;
-            let settings = bundle.meta.scoring.clone();
-            let scores = bundle.scorer(&settings).score(&features.values, &b.seeds)?;
+            let scores = bundle.scorer(&bundle.meta.scoring).score(&features.values, &b.seeds)?;
             for (id, s) in b.ids.iter().zip(&scores) {
                 let v = judge(id, s, kind, &bundle.meta.calibration, args.threshold)?;
                 lines.push(serde_json::to_string(&v)?);

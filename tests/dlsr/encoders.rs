@@ -12,21 +12,7 @@ use crate::common::{asset, imagenet_photos};
 fn imagenet_top1(variant: LiteVariant) -> usize {
     let weights = asset(variant.default_weights());
     let net = EfficientNetLite::load(variant, &weights, Device::Cpu, Precision::F32).unwrap();
-    let pre = Preprocess {
-        size: variant.native_size(),
-        resize: ResizeMode::CenterCrop,
-        normalisation: Normalisation::LITE,
-    };
-    let photos = imagenet_photos();
-    let batch: Vec<Tensor> = photos
-        .iter()
-        .map(|(p, _)| {
-            pre.apply(&decode::decode(&std::fs::read(p).unwrap(), &DecodeLimits::default()).unwrap()).unwrap()
-        })
-        .collect();
-    let predicted = net.logits(&Tensor::stack(&batch, 0)).unwrap().argmax(1, false);
-    let predicted: Vec<i64> = Vec::try_from(predicted).unwrap();
-    let correct = photos.iter().zip(&predicted).filter(|((_, label), p)| label == *p).count();
+    let (correct, predicted) = dlsr::cli::doctor::imagenet_top1(&net, variant, &imagenet_photos()).unwrap();
     eprintln!("{}: {correct}/20 top-1 ({predicted:?})", variant.name());
     correct
 }
