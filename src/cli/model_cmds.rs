@@ -10,13 +10,12 @@ use clap::Args;
 use super::{DataArgs, EncoderArgs};
 use crate::data::DataSet;
 use crate::device::DeviceSpec;
-use crate::encode::{
-    cache_dir, count_by_code, encode_set_cached, EncodeOptions,
-};
+use crate::encode::{cache_dir, count_by_code, encode_set_cached, EncodeOptions};
 use crate::eval::calibration::Calibration;
 use crate::fit::{by_kind, check_output_path, fit, FitOptions};
 use crate::model::bundle::Bundle;
 use crate::model::encoder::{EncoderSpec, Precision};
+use crate::model::features::FeatureExtractor;
 use crate::model::lfdn::Preset;
 use crate::model::score::{score_all, ScoreKind, ScoreSettings};
 use crate::model::train::TrainConfig;
@@ -203,8 +202,28 @@ pub struct BundleArgs {
     pub batch_size: usize,
 }
 
+/// The models of parallel scoring workers: the first worker takes the ones loaded to
+/// check the bundle before any work started, the others load their own.
+pub struct WorkerModels<'a> {
+    args: &'a BundleArgs,
+    first: std::sync::Mutex<Option<(Bundle, FeatureExtractor)>>,
+}
+
+impl<'a> WorkerModels<'a> {
+    pub fn new(args: &'a BundleArgs, loaded: (Bundle, FeatureExtractor)) -> Self {
+        Self { args, first: std::sync::Mutex::new(Some(loaded)) }
+    }
+
+    pub fn get(&self) -> anyhow::Result<(Bundle, FeatureExtractor)> {
+        if let Some(first) = self.first.lock().ok().and_then(|mut l| l.take()) {
+            return Ok(first);
+        }
+        self.args.load()
+    }
+}
+
 impl BundleArgs {
-    fn load(&self) -> anyhow::Result<(Bundle, crate::model::features::FeatureExtractor)> {
+    pub fn load(&self) -> anyhow::Result<(Bundle, FeatureExtractor)> {
         let device = self.device.resolve()?;
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
@@ -223,6 +242,15 @@ pub struct ScoreArgs {
     /// Image files, folders, IDX files or MNIST-style CSVs.
     #[arg(required = true)]
     pub specs: Vec<String>,
+    #[command(flatten)]
+    pub judging: JudgingArgs,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+/// How items are judged and how many workers score them (`score` and `audit`).
+#[derive(Debug, Args, Clone)]
+pub struct JudgingArgs {
     /// The score that decides verdicts (default: the bundle's).
     #[arg(long)]
     pub score_kind: Option<ScoreKind>,
@@ -233,41 +261,43 @@ pub struct ScoreArgs {
     /// one per libtorch thread, at most 4, on the CPU; one on CUDA).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    #[command(flatten)]
-    pub data_opts: DataArgs,
+}
+
+impl JudgingArgs {
+    /// The score that decides verdicts, checked against what the bundle holds.
+    pub fn kind(&self, meta: &crate::model::bundle::BundleMeta) -> anyhow::Result<ScoreKind> {
+        let kind = self.score_kind.unwrap_or(meta.default_score);
+        if kind == ScoreKind::Lr && !meta.has_first_epoch {
+            bail!("the bundle has no first-epoch weights, so no LR score");
+        }
+        Ok(kind)
+    }
 }
 
 pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     // Loaded once here to check the bundle and the score before any work starts.
     let (bundle, extractor) = args.bundle.load()?;
-    let kind = args.score_kind.unwrap_or(bundle.meta.default_score);
-    if kind == ScoreKind::Lr && !bundle.meta.has_first_epoch {
-        bail!("the bundle has no first-epoch weights, so no LR score");
-    }
-    let (workers, threads_each) = crate::device::scoring_workers(args.workers, bundle.device);
+    let kind = args.judging.kind(&bundle.meta)?;
+    let (workers, threads_each) = crate::device::scoring_workers(args.judging.workers, bundle.device);
     let pre = extractor.preprocess;
-    // The first worker takes the models loaded above; the others load their own.
-    let loaded = std::sync::Mutex::new(Some((bundle, extractor)));
-    let make_state = || -> anyhow::Result<(Bundle, crate::model::features::FeatureExtractor)> {
-        if let Some(first) = loaded.lock().ok().and_then(|mut l| l.take()) {
-            return Ok(first);
-        }
-        args.bundle.load()
-    };
-    let process = |(bundle, extractor): &mut (Bundle, crate::model::features::FeatureExtractor),
+    let models = WorkerModels::new(&args.bundle, (bundle, extractor));
+    let make_state = || models.get();
+    let process = |(bundle, extractor): &mut (Bundle, FeatureExtractor),
                    b: crate::encode::RawBatch|
      -> anyhow::Result<(Vec<String>, usize)> {
         let mut lines: Vec<String> = b
             .errors
             .iter()
-            .map(|e| serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}).to_string())
+            .map(|e| {
+                serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}).to_string()
+            })
             .collect();
         let failed = lines.len();
         if let Some(images) = &b.images {
             let features = extractor.extract(images)?;
             let scores = bundle.scorer(&bundle.meta.scoring).score(&features.values, &b.seeds)?;
             for (id, s) in b.ids.iter().zip(&scores) {
-                let v = judge(id, s, kind, &bundle.meta.calibration, args.threshold)?;
+                let v = judge(id, s, kind, &bundle.meta.calibration, args.judging.threshold)?;
                 lines.push(serde_json::to_string(&v)?);
             }
         }
@@ -291,15 +321,24 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
                 continue;
             }
         };
-        crate::encode::parallel_batches(&set, &opts, pre, (workers, threads_each), "score", &make_state, &process, |(lines, bad)| {
-            for line in &lines {
-                writeln!(out, "{line}")?;
-            }
-            failed += bad;
-            scored += lines.len() - bad;
-            out.flush()?;
-            Ok(())
-        })?;
+        crate::encode::parallel_batches(
+            &set,
+            &opts,
+            pre,
+            (workers, threads_each),
+            "score",
+            make_state,
+            process,
+            |(lines, bad)| {
+                for line in &lines {
+                    writeln!(out, "{line}")?;
+                }
+                failed += bad;
+                scored += lines.len() - bad;
+                out.flush()?;
+                Ok(())
+            },
+        )?;
     }
     out.flush()?;
     if scored == 0 {

@@ -1,7 +1,8 @@
 //! The daemon as a process against a real Kafka-compatible broker (tansu 0.6.0, started
 //! and stopped here on 127.0.0.1): kill -9 and restart loses nothing (duplicates are
 //! counted and reported), SIGTERM and restart repeats nothing, two daemons in one group
-//! share the partitions and survive one of them dying.
+//! share the partitions and survive one of them dying; `dlsr audit` reads a time range
+//! (the mock cluster cannot look offsets up by time).
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
@@ -250,4 +251,32 @@ fn two_daemons_share_the_partitions_and_survive_one_dying() {
     let by_a = consumed["consumed"].as_u64().unwrap_or(0) as usize;
     assert!(by_a > 0, "the surviving daemon consumed nothing");
     eprintln!("two daemons: {} outputs for {} inputs, survivor consumed {by_a}", out.total(), keys.len());
+}
+
+#[test]
+fn audit_reads_the_time_range_it_is_given() {
+    let broker = Tansu::start();
+    let bundle = crate::model::fitted().bundle.clone();
+    publish(&broker.brokers, 12);
+    std::thread::sleep(Duration::from_millis(1500));
+    let cut = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    std::thread::sleep(Duration::from_millis(500));
+    publish(&broker.brokers, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = |flag: &str, time: String| -> serde_json::Value {
+        let out = dir.path().join(flag.trim_start_matches('-'));
+        let result = Command::new(dlsr_bin())
+            .args(["-q", "audit", "--model", bundle.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(["--from-topic", "images", "--brokers", &broker.brokers, flag, &time])
+            .env("DLSR_CACHE", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+    };
+    // Both forms of time: RFC 3339 and milliseconds since the epoch.
+    let after = audit("--since", dlsr::stream::message::rfc3339(cut));
+    assert_eq!(after["items"], 8, "{after}");
+    let before = audit("--until", cut.to_string());
+    assert_eq!(before["items"], 12, "{before}");
 }

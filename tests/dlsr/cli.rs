@@ -102,10 +102,17 @@ fn a_set_with_no_usable_item_fails() {
 }
 
 #[test]
-fn unbuilt_commands_name_their_issue() {
-    let (ok, _, stderr) = run(&["audit", "x"]);
+fn audit_arguments_are_checked_before_any_work() {
+    let (ok, _, stderr) = run(&["audit", "--model", "m.safetensors", "--out", "o"]);
     assert!(!ok);
-    assert!(stderr.contains("not built yet"), "{stderr}");
+    assert!(stderr.contains("give either image SPECs or --from-topic"), "{stderr}");
+    let (ok, _, stderr) = run(&["audit", "--model", "m.safetensors", "--out", "o", "x", "--since", "1h"]);
+    assert!(!ok);
+    assert!(stderr.contains("--from-topic"), "{stderr}");
+    let (ok, _, stderr) =
+        run(&["audit", "--model", "m", "--out", "o", "--from-topic", "t", "--brokers", "b", "--since", "yesterday"]);
+    assert!(!ok);
+    assert!(stderr.contains("--since") && stderr.contains("RFC 3339"), "{stderr}");
     let (_, help, _) = run(&["--help"]);
     for cmd in ["fit", "calibrate", "score", "eval", "audit", "serve", "publish", "demo", "doctor"] {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");

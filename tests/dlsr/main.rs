@@ -2,6 +2,7 @@
 //! assets (weights, data sets) fail with a pointer to `scripts/fetch-assets.sh` when
 //! they are missing, rather than passing vacuously.
 
+mod audit;
 mod broker;
 mod cli;
 mod common;

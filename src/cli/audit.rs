@@ -1,0 +1,380 @@
+//! `dlsr audit`: files, folders, data sets or a range of a Kafka topic in; a report folder
+//! out (`report.html`, `items.jsonl`, `summary.json`, `skipped.jsonl`). The work is in
+//! [`crate::audit`]; this module reads the items, scores them in batches and writes.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tch::Tensor;
+
+use super::model_cmds::{BundleArgs, JudgingArgs, WorkerModels};
+use super::DataArgs;
+use crate::audit::topic::{parse_time, Start, TopicMessage, TopicRange, TopicReader};
+use crate::audit::{
+    self, report, AuditError, AuditSettings, Outputs, ScoredBatch, SetAudit, SetSummary, Skipped, Thumbnailer,
+};
+use crate::data::{decode, DataSet};
+use crate::encode::{EncodeOptions, RawBatch};
+use crate::model::bundle::Bundle;
+use crate::model::features::FeatureExtractor;
+use crate::model::score::{content_seed, ScoreKind};
+use crate::progress::Progress;
+use crate::stream::message::{item_id, Source};
+use crate::verdict::judge;
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    /// Image files, folders, IDX files or MNIST-style CSVs (or --from-topic).
+    pub specs: Vec<String>,
+    /// Folder for report.html, items.jsonl, summary.json and skipped.jsonl (created; the
+    /// files in it are replaced only when the new ones are complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Most out-of-distribution items shown in the report.
+    #[arg(long, default_value_t = 48)]
+    pub top: usize,
+    /// Most typical items shown for contrast.
+    #[arg(long, default_value_t = 12)]
+    pub typical: usize,
+    /// A second set shown side by side (e.g. last week's data).
+    #[arg(long, num_args = 1.., value_name = "SPEC")]
+    pub compare: Vec<String>,
+    /// Read a Kafka topic instead of files, by assignment (no group, nothing committed).
+    #[arg(long, value_name = "TOPIC", requires = "brokers")]
+    pub from_topic: Option<String>,
+    /// Bootstrap servers for --from-topic.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Start at the first message at or after this time: RFC 3339, milliseconds since
+    /// the epoch, or a duration ago (90s, 30m, 6h, 7d). Default: the beginning.
+    #[arg(long, requires = "from_topic", conflicts_with = "from_offset")]
+    pub since: Option<String>,
+    /// Start every partition at this offset.
+    #[arg(long, requires = "from_topic")]
+    pub from_offset: Option<i64>,
+    /// Stop before the first message at or after this time (default: read each
+    /// partition until the audit has caught up with it).
+    #[arg(long, requires = "from_topic")]
+    pub until: Option<String>,
+    /// librdkafka property for --from-topic (security settings), KEY=VALUE; repeatable.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = super::stream_cmds::parse_kv)]
+    pub kafka_properties: Vec<(String, String)>,
+    /// Seconds the brokers may stay silent before the audit stops with an error.
+    #[arg(long, default_value_t = 30)]
+    pub kafka_timeout: u64,
+    #[command(flatten)]
+    pub judging: JudgingArgs,
+    /// Report title.
+    #[arg(long, default_value = "dlsr audit")]
+    pub title: String,
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+}
+
+/// Scores one batch of preprocessed images into verdicts.
+fn score_batch(
+    (bundle, extractor): &(Bundle, FeatureExtractor),
+    kind: ScoreKind,
+    threshold: f64,
+    batch: RawBatch,
+    sources: Vec<Option<Source>>,
+) -> anyhow::Result<ScoredBatch> {
+    let errors = batch
+        .errors
+        .iter()
+        .map(|e| Skipped {
+            id: e.id.clone(),
+            code: e.code().to_string(),
+            reason: e.kind.to_string(),
+            source: None,
+        })
+        .collect();
+    let Some(images) = batch.images else {
+        return Ok(ScoredBatch { verdicts: Vec::new(), sources, features: None, images: None, errors });
+    };
+    let features = extractor.extract(&images)?;
+    let scores = bundle.scorer(&bundle.meta.scoring).score(&features.values, &batch.seeds)?;
+    let verdicts = batch
+        .ids
+        .iter()
+        .zip(&scores)
+        .map(|(id, s)| judge(id, s, kind, &bundle.meta.calibration, Some(threshold)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ScoredBatch { verdicts, sources, features: Some(features.values), images: Some(images), errors })
+}
+
+pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
+    if args.specs.is_empty() == args.from_topic.is_none() {
+        bail!("give either image SPECs or --from-topic TOPIC (not both, not neither)");
+    }
+    let range = topic_range(args)?;
+    let interrupted = crate::shutdown::interrupt_flag();
+    let (bundle, extractor) = args.bundle.load()?;
+    let meta = bundle.meta.clone();
+    let kind = args.judging.kind(&meta)?;
+    let calibration = meta.calibration.scores.get(&kind);
+    let threshold = match (args.judging.threshold, calibration) {
+        (Some(t), _) if t.is_finite() => t,
+        (Some(t), _) => bail!("--threshold {t} is not a finite number"),
+        (None, Some(c)) => c.threshold,
+        (None, None) => {
+            bail!("the bundle has no calibrated {kind} threshold: run `dlsr calibrate` or pass --threshold")
+        }
+    };
+    let expected_rate = audit::expected_rate(&meta.calibration, kind, threshold);
+    let settings = AuditSettings {
+        top: args.top,
+        typical: args.typical,
+        kind,
+        threshold,
+        expected_rate,
+        layers: meta.offsets.layers(),
+    };
+    let thumbnailer = Thumbnailer { normalisation: meta.preprocess.normalisation };
+    let sha = bundle.sha256.clone();
+    let pre = extractor.preprocess;
+    let mut outputs = Outputs::create(&args.out)?;
+    let models = WorkerModels::new(&args.bundle, (bundle, extractor));
+    let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
+
+    let mut sets: Vec<SetSummary> = Vec::new();
+    let main_label = match &args.from_topic {
+        Some(t) => format!("topic {t}"),
+        None => args.specs.join(" + "),
+    };
+    let mut jobs = vec![("", main_label, args.specs.clone())];
+    if !args.compare.is_empty() {
+        jobs.push(("compare-", format!("compare: {}", args.compare.join(" + ")), args.compare.clone()));
+    }
+    for (i, (prefix, label, specs)) in jobs.into_iter().enumerate() {
+        let mut set =
+            SetAudit::new(&label, settings.clone(), thumbnailer, &args.out, &format!("{prefix}audit"))?;
+        let read = if let (0, Some(range)) = (i, &range) {
+            audit_topic(range, args, &models, &settings, &mut set, &opts, interrupted)
+        } else {
+            audit_files(args, &models, &settings, (&specs, pre), &mut set, &opts, interrupted)
+                .map(|()| Vec::new())
+        };
+        let partitions = match read {
+            Ok(p) => p,
+            Err(e) => {
+                set.discard();
+                return Err(e);
+            }
+        };
+        let items = outputs.stage(&format!("{prefix}items.jsonl"));
+        let skipped = outputs.stage(&format!("{prefix}skipped.jsonl"));
+        sets.push(set.finish(&items, &skipped, partitions)?);
+    }
+    if interrupted.load(Ordering::SeqCst) {
+        return Err(AuditError::Interrupted.into());
+    }
+
+    let empty = Vec::new();
+    let quantiles = calibration.map(|c| &c.quantiles).unwrap_or(&empty);
+    let channels: Vec<i64> = (0..meta.offsets.layers())
+        .map(|l| {
+            let (a, b) = meta.offsets.range(l);
+            b - a
+        })
+        .collect();
+    let generated = crate::stream::message::rfc3339_now();
+    let model_name =
+        args.bundle.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ctx = report::ReportContext {
+        title: &args.title,
+        generated: &generated,
+        model_name: &model_name,
+        model_sha256: &sha,
+        encoder: &meta.encoder.name,
+        input_size: meta.preprocess.size,
+        id_quantiles: quantiles,
+        calibration_items: meta.calibration.items,
+        calibration_source: &meta.calibration.source,
+        layer_channels: &channels,
+    };
+    let refs: Vec<&SetSummary> = sets.iter().collect();
+    let html = report::render(&ctx, &refs);
+    let report_path = outputs.stage("report.html");
+    std::fs::write(&report_path, html).with_context(|| format!("writing {}", report_path.display()))?;
+    let summary_path = outputs.stage("summary.json");
+    let mut summary = serde_json::to_value(&sets[0])?;
+    if let (Some(obj), Some(compare)) = (summary.as_object_mut(), sets.get(1)) {
+        obj.insert("compare".into(), serde_json::to_value(compare)?);
+    }
+    if let Some(obj) = summary.as_object_mut() {
+        obj.insert("model".into(), serde_json::json!({"name": model_name, "sha256": sha}));
+        obj.insert("generated".into(), serde_json::json!(generated));
+    }
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", summary_path.display()))?;
+    outputs.commit()?;
+
+    for s in &sets {
+        let skipped: usize = s.skipped.values().sum();
+        println!(
+            "{}: {} — {} items, {} flagged ({:.1}%, expected {:.1}%), p = {}, {} skipped {:?}",
+            s.label,
+            s.verdict,
+            s.items,
+            s.flagged,
+            100.0 * s.flagged_rate,
+            100.0 * s.expected_rate,
+            report::p_value_text(s.p_value),
+            skipped,
+            s.skipped
+        );
+        if s.items == 0 {
+            eprintln!("warning: {}: no item was scored; the report is empty", s.label);
+        }
+    }
+    println!("wrote {}/report.html, items.jsonl, summary.json, skipped.jsonl", args.out.display());
+    Ok(())
+}
+
+fn audit_files(
+    args: &AuditArgs,
+    models: &WorkerModels,
+    settings: &AuditSettings,
+    (specs, pre): (&[String], crate::data::Preprocess),
+    set: &mut SetAudit,
+    opts: &EncodeOptions,
+    interrupted: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    let device = args.bundle.device.resolve()?;
+    let (workers, threads_each) = crate::device::scoring_workers(args.judging.workers, device);
+    for spec in specs {
+        let remaining = args.data_opts.limit.map(|l| l.saturating_sub(set.items()));
+        if remaining == Some(0) {
+            break;
+        }
+        let data = match DataSet::open(spec) {
+            Ok(d) => d.with_limit(remaining),
+            Err(e) => {
+                set.skip(Skipped {
+                    id: spec.clone(),
+                    code: "unreadable".into(),
+                    reason: e.to_string(),
+                    source: None,
+                })?;
+                continue;
+            }
+        };
+        crate::encode::parallel_batches(
+            &data,
+            opts,
+            pre,
+            (workers, threads_each),
+            "audit",
+            || models.get(),
+            |state, batch| {
+                let sources = vec![None; batch.ids.len()];
+                score_batch(state, settings.kind, settings.threshold, batch, sources)
+            },
+            |scored| {
+                if interrupted.load(Ordering::SeqCst) {
+                    return Err(AuditError::Interrupted.into());
+                }
+                set.add(scored)?;
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The topic range the arguments ask for (checked before any model is loaded).
+fn topic_range(args: &AuditArgs) -> anyhow::Result<Option<TopicRange>> {
+    let Some(topic) = &args.from_topic else { return Ok(None) };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+            as i64;
+    let time = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
+        s.as_deref().map(|s| parse_time(s, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
+    };
+    let start = match (time(&args.since, "--since")?, args.from_offset) {
+        (Some(ms), _) => Start::Time(ms),
+        (None, Some(o)) if o >= 0 => Start::Offset(o),
+        (None, Some(o)) => bail!("--from-offset {o} must be 0 or more"),
+        (None, None) => Start::Beginning,
+    };
+    Ok(Some(TopicRange {
+        brokers: args.brokers.clone().unwrap_or_default(),
+        topic: topic.clone(),
+        start,
+        until: time(&args.until, "--until")?,
+        properties: args.kafka_properties.clone(),
+        timeout: Duration::from_secs(args.kafka_timeout.max(1)),
+    }))
+}
+
+fn audit_topic(
+    range: &TopicRange,
+    args: &AuditArgs,
+    models: &WorkerModels,
+    settings: &AuditSettings,
+    set: &mut SetAudit,
+    opts: &EncodeOptions,
+    interrupted: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<audit::topic::PartitionRange>> {
+    let mut reader = TopicReader::open(range).with_context(|| format!("reading topic {}", range.topic))?;
+    let total = match args.data_opts.limit {
+        Some(l) => reader.total().min(l as u64),
+        None => reader.total(),
+    };
+    let state = models.get()?;
+    let pre = state.1.preprocess;
+    let limits = opts.limits;
+    let batch_size = opts.batch_size.max(1);
+    let mut progress = Progress::new("audit", total, opts.quiet);
+    let mut pending: Vec<(String, u64, Tensor, Source)> = Vec::new();
+    let mut taken = 0u64;
+    let flush =
+        |pending: &mut Vec<(String, u64, Tensor, Source)>, set: &mut SetAudit| -> anyhow::Result<()> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let items: Vec<_> = std::mem::take(pending);
+            let tensors: Vec<&Tensor> = items.iter().map(|i| &i.2).collect();
+            let images = Tensor::f_stack(&tensors, 0)?;
+            let raw = RawBatch {
+                ids: items.iter().map(|i| i.0.clone()).collect(),
+                seeds: items.iter().map(|i| i.1).collect(),
+                images: Some(images),
+                errors: Vec::new(),
+            };
+            let sources = items.into_iter().map(|i| Some(i.3)).collect();
+            set.add(score_batch(&state, settings.kind, settings.threshold, raw, sources)?)?;
+            Ok(())
+        };
+    reader.read(|m: TopicMessage| -> anyhow::Result<bool> {
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(AuditError::Interrupted.into());
+        }
+        let id = item_id(m.key.as_deref(), &m.source);
+        // The daemon's decoding: the same limits, the same error codes.
+        match decode::decode(&m.payload, &limits)
+            .map_err(|e| (e.code(), e.to_string()))
+            .and_then(|img| pre.apply(&img).map_err(|e| ("preprocess", e.to_string())))
+        {
+            Ok(image) => pending.push((id, content_seed(&m.payload), image, m.source)),
+            Err((code, reason)) => {
+                set.skip(Skipped { id, code: code.into(), reason, source: Some(m.source) })?;
+            }
+        }
+        if pending.len() >= batch_size {
+            flush(&mut pending, set)?;
+        }
+        taken += 1;
+        progress.inc(1, None);
+        Ok(args.data_opts.limit.is_none_or(|l| taken < l as u64))
+    })?;
+    flush(&mut pending, set)?;
+    progress.finish();
+    Ok(reader.ranges.clone())
+}
