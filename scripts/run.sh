@@ -5,7 +5,8 @@
 # on first use, a stream of Fashion-MNIST (in-distribution), MNIST (out-of-distribution)
 # and corrupt images through the real daemon, /metrics served, a live summary, the
 # flagged items and the dead letters. Then it evaluates the demo's model (AUROC, FPR95,
-# AUPR, plots) on 2000 Fashion-MNIST test images against 2000 MNIST digits.
+# AUPR, plots) on 2000 Fashion-MNIST test images against 2000 MNIST digits, and audits a
+# folder of 1800 Fashion-MNIST test images with 200 MNIST digits mixed in (report.html).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-libtorch.sh
@@ -19,4 +20,10 @@ echo; echo "== dlsr demo"
 echo; echo "== dlsr eval: Fashion-MNIST test (ID) vs MNIST (OOD)"
 "$BIN" -q eval --model runs/demo/fmnist.safetensors --id "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" \
   --ood "mnist=$A/mnist/mnist_5k.csv.gz" --limit 2000 --out runs/demo/eval
-echo; echo "report: runs/demo/eval/report.md, plots: runs/demo/eval/*.svg, bundle: runs/demo/fmnist.safetensors"
+echo; echo "== dlsr audit: 1800 Fashion-MNIST test images with 200 MNIST digits mixed in"
+rm -rf runs/demo/mixed
+python3 benches/peer/make_pngs.py runs/demo/mixed "$A/fashion-mnist/t10k-images-idx3-ubyte.gz" \
+  "$A/mnist/mnist_5k.csv.gz" 2000 200
+"$BIN" audit --model runs/demo/fmnist.safetensors runs/demo/mixed --out runs/demo/audit
+echo; echo "eval report: runs/demo/eval/report.md, plots: runs/demo/eval/*.svg"
+echo "audit report: runs/demo/audit/report.html (open it in a browser), bundle: runs/demo/fmnist.safetensors"

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the benchmark's shared image set: the first N/2 Fashion-MNIST test images and
 N/2 MNIST-5k digits as 28x28 greyscale PNG files (plain Python, no third-party module).
-Usage: make_pngs.py OUT_DIR FASHION_IDX_GZ MNIST_CSV_GZ N"""
+With N_MNIST, N - N_MNIST Fashion-MNIST images and N_MNIST digits (the audit's example).
+Usage: make_pngs.py OUT_DIR FASHION_IDX_GZ MNIST_CSV_GZ N [N_MNIST]"""
 import gzip
 import os
 import struct
@@ -24,7 +25,7 @@ def png(path, pixels, width, height):
 def main():
     out, fashion, mnist, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     os.makedirs(out, exist_ok=True)
-    half = n // 2
+    half = n - int(sys.argv[5]) if len(sys.argv) > 5 else n // 2
     with gzip.open(fashion, "rb") as f:
         magic, count, rows, cols = struct.unpack(">IIII", f.read(16))
         assert magic == 2051 and count >= half, "not an IDX image file, or too few images"

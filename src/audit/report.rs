@@ -107,8 +107,8 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:
 figure.card{margin:0;border:1px solid #e1e4ea;border-radius:6px;padding:5px;background:#fff;font-size:11px}
 figure.card.flagged{border-color:#e5989b}
 figure.card img{width:100%;aspect-ratio:1;object-fit:contain;background:#111;border-radius:3px;image-rendering:auto}
-figure.card figcaption{margin-top:3px;line-height:1.35;word-break:break-all}
-figure.card .id{color:#5b6475}
+figure.card figcaption{margin-top:3px;line-height:1.35;overflow-wrap:anywhere}
+figure.card .id{color:#5b6475;word-break:break-all}
 .note{color:#5b6475;font-size:13px}
 table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #e1e4ea;padding:3px 8px;text-align:left}
 .group{border-top:1px solid #e1e4ea;padding-top:8px;margin-top:8px}
@@ -312,7 +312,7 @@ fn card(h: &mut String, class: &str, rank: Option<usize>, c: &Card, reference: &
     let _ = write!(
         h,
         "<figure class=\"card {class}{}\"{} data-score=\"{}\"><img alt=\"{}\" src=\"data:image/png;base64,{}\">\
-         <figcaption>{rank_text}<span class=\"id\">{}</span><br>score {} · ID pct {:.1}%</figcaption>{}</figure>",
+         <figcaption>{rank_text}<span class=\"id\">{}</span><br>score {} · ID&nbsp;pct&nbsp;{:.1}%</figcaption>{}</figure>",
         if c.is_ood { " flagged" } else { "" },
         rank.map(|r| format!(" data-rank=\"{r}\"")).unwrap_or_default(),
         c.score,

@@ -76,6 +76,24 @@ pub struct AuditArgs {
     pub data_opts: DataArgs,
 }
 
+/// Hands free heap memory back to the kernel every few seconds, as the daemon does
+/// (`crate::memory`): glibc's arenas otherwise keep the high-water marks of batches
+/// scored on different threads, and resident memory creeps up with the items read.
+struct Trim(std::time::Instant);
+
+impl Trim {
+    fn new() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    fn tick(&mut self) {
+        if self.0.elapsed() >= Duration::from_secs(5) {
+            crate::memory::release_free_memory();
+            self.0 = std::time::Instant::now();
+        }
+    }
+}
+
 /// Scores one batch of preprocessed images into verdicts.
 fn score_batch(
     (bundle, extractor): &(Bundle, FeatureExtractor),
@@ -248,6 +266,7 @@ fn audit_files(
 ) -> anyhow::Result<()> {
     let device = args.bundle.device.resolve()?;
     let (workers, threads_each) = crate::device::scoring_workers(args.judging.workers, device);
+    let mut trim = Trim::new();
     for spec in specs {
         let remaining = args.data_opts.limit.map(|l| l.saturating_sub(set.items()));
         if remaining == Some(0) {
@@ -281,6 +300,7 @@ fn audit_files(
                     return Err(AuditError::Interrupted.into());
                 }
                 set.add(scored)?;
+                trim.tick();
                 Ok(())
             },
         )?;
@@ -332,6 +352,7 @@ fn audit_topic(
     let limits = opts.limits;
     let batch_size = opts.batch_size.max(1);
     let mut progress = Progress::new("audit", total, opts.quiet);
+    let mut trim = Trim::new();
     let mut pending: Vec<(String, u64, Tensor, Source)> = Vec::new();
     let mut taken = 0u64;
     let flush =
@@ -369,6 +390,7 @@ fn audit_topic(
         }
         if pending.len() >= batch_size {
             flush(&mut pending, set)?;
+            trim.tick();
         }
         taken += 1;
         progress.inc(1, None);
