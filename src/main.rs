@@ -14,7 +14,10 @@ fn main() -> ExitCode {
     // `serve` logs as its configuration says; everything else as the flags say.
     if !matches!(cli.command, dlsr::cli::Command::Serve(_)) {
         let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn"));
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(dlsr::telemetry::stderr_is_terminal());
         if cli.log_json {
             builder.json().init();
         } else {

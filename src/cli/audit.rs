@@ -236,7 +236,7 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
     for s in &sets {
         let skipped: usize = s.skipped.values().sum();
         println!(
-            "{}: {} — {} items, {} flagged ({:.1}%, expected {:.1}%), p = {}, {} skipped {:?}",
+            "{}: {} — {} items, {} flagged ({:.1}%, expected {:.1}%), p = {}, {} skipped{}",
             s.label,
             s.verdict,
             s.items,
@@ -245,7 +245,7 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
             100.0 * s.expected_rate,
             report::p_value_text(s.p_value),
             skipped,
-            s.skipped
+            s.skipped.iter().map(|(code, n)| format!(" {code}={n}")).collect::<String>()
         );
         if s.items == 0 {
             eprintln!("warning: {}: no item was scored; the report is empty", s.label);

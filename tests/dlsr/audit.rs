@@ -167,7 +167,9 @@ fn mixed_set_puts_the_digits_on_top_and_the_report_renders_its_numbers() {
         &work.path().join("cache"),
     );
     assert!(ok, "audit failed: {stderr}");
-    assert!(stdout.contains("shifted"), "{stdout}");
+    assert!(stdout.contains("shifted") && stdout.contains("1 skipped undecodable=1"), "{stdout}");
+    // The skipped file is logged as a warning, without colour codes off a terminal.
+    assert!(stderr.contains("broken.png") && !stderr.contains('\u{1b}'), "{stderr:?}");
 
     let summary = read_json(&out.join("summary.json"));
     assert_eq!(summary["items"], 2000);
