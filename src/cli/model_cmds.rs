@@ -143,8 +143,10 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
         if report.features_cached { ", from cache" } else { "" }
     );
     println!(
-        "items: {} train, {} held out, {} skipped {:?}",
-        t.train_items, t.holdout_items, t.skipped_items, report.skipped
+        "items: {} train, {} held out, {}",
+        t.train_items,
+        t.holdout_items,
+        skipped_text(t.skipped_items, &report.skipped)
     );
     println!(
         "lfdn: W {} N {}, {} epochs, {} steps, final loss {:.5}",
@@ -163,6 +165,15 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
     );
     print_calibration(&m.calibration);
     Ok(())
+}
+
+/// "none skipped", or "3 skipped (empty 1, undecodable 2)".
+pub(super) fn skipped_text<K: std::fmt::Display>(total: usize, by_code: &std::collections::BTreeMap<K, usize>) -> String {
+    if total == 0 {
+        return "none skipped".into();
+    }
+    let codes: Vec<String> = by_code.iter().map(|(code, n)| format!("{code} {n}")).collect();
+    format!("{total} skipped ({})", codes.join(", "))
 }
 
 fn print_calibration(c: &Calibration) {
@@ -235,6 +246,14 @@ impl BundleArgs {
     }
 }
 
+/// What a `score` worker hands back for one batch: its output lines (error lines first),
+/// the error codes among them and how many verdicts flagged their item.
+struct ScoredLines {
+    lines: Vec<String>,
+    failed_codes: Vec<&'static str>,
+    flagged: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
     #[command(flatten)]
@@ -284,7 +303,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     let make_state = || models.get();
     let process = |(bundle, extractor): &mut (Bundle, FeatureExtractor),
                    b: crate::encode::RawBatch|
-     -> anyhow::Result<(Vec<String>, usize)> {
+     -> anyhow::Result<ScoredLines> {
         let mut lines: Vec<String> = b
             .errors
             .iter()
@@ -292,27 +311,31 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
                 serde_json::json!({"id": e.id, "error": e.kind.to_string(), "code": e.code()}).to_string()
             })
             .collect();
-        let failed = lines.len();
+        let failed_codes = b.errors.iter().map(|e| e.code()).collect();
+        let mut flagged = 0;
         if let Some(images) = &b.images {
             let features = extractor.extract(images)?;
             let scores = bundle.scorer(&bundle.meta.scoring).score(&features.values, &b.seeds)?;
             for (id, s) in b.ids.iter().zip(&scores) {
                 let v = judge(id, s, kind, &bundle.meta.calibration, args.judging.threshold)?;
+                flagged += usize::from(v.is_ood);
                 lines.push(serde_json::to_string(&v)?);
             }
         }
-        Ok((lines, failed))
+        Ok(ScoredLines { lines, failed_codes, flagged })
     };
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let (mut scored, mut failed) = (0usize, 0usize);
+    let (mut scored, mut failed, mut flagged) = (0usize, 0usize, 0usize);
+    let mut failed_by_code = std::collections::BTreeMap::<&str, usize>::new();
     let started = std::time::Instant::now();
     for spec in &args.specs {
         let set = match DataSet::open(spec) {
             Ok(s) => s.with_limit(args.data_opts.limit),
             Err(e) => {
                 failed += 1;
+                *failed_by_code.entry("unreadable").or_default() += 1;
                 writeln!(
                     out,
                     "{}",
@@ -329,12 +352,16 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
             "score",
             make_state,
             process,
-            |(lines, bad)| {
-                for line in &lines {
+            |batch: ScoredLines| {
+                for line in &batch.lines {
                     writeln!(out, "{line}")?;
                 }
-                failed += bad;
-                scored += lines.len() - bad;
+                for code in &batch.failed_codes {
+                    *failed_by_code.entry(code).or_default() += 1;
+                }
+                failed += batch.failed_codes.len();
+                scored += batch.lines.len() - batch.failed_codes.len();
+                flagged += batch.flagged;
                 out.flush()?;
                 Ok(())
             },
@@ -349,8 +376,10 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
         // (what scripts/benchmark.sh peer compares).
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "score: {scored} items scored, {failed} failed, in {seconds:.2} s ({:.1} items/s, {workers} worker(s))",
-            scored as f64 / seconds.max(1e-9)
+            "score: {scored} items scored, {failed} failed, in {seconds:.2} s ({:.1} items/s, {workers} worker(s)); \
+             {flagged} flagged; {}",
+            scored as f64 / seconds.max(1e-9),
+            skipped_text(failed, &failed_by_code)
         );
     }
     Ok(())
@@ -439,10 +468,9 @@ pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
     let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
     let calibration = Calibration::build(&by_kind(&scores), target, &args.data)?;
     println!(
-        "{} items scored, {} skipped {:?}",
+        "{} items scored, {}",
         encoded.ids.len(),
-        encoded.skipped.len(),
-        count_by_code(&encoded.skipped)
+        skipped_text(encoded.skipped.len(), &count_by_code(&encoded.skipped))
     );
     print_calibration(&calibration);
     bundle.save_with_calibration(calibration)?;

@@ -60,6 +60,7 @@ pub struct PublishArgs {
     /// Bootstrap servers.
     #[arg(long)]
     pub brokers: String,
+    /// The topic to publish to (the daemon's `kafka.topics`).
     #[arg(long)]
     pub topic: String,
     /// Image files, folders, IDX files or MNIST-style CSVs.

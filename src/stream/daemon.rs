@@ -357,7 +357,20 @@ impl Daemon {
         summary.flagged = counters.flagged.load(Ordering::Relaxed);
         summary.dead_letters = counters.dead_letters.load(Ordering::Relaxed);
         summary.published = counters.published.load(Ordering::Relaxed);
-        tracing::info!(?summary, "dlsr stopped");
+        // Fields, not a Debug dump: readable in text logs, queryable in JSON ones.
+        tracing::info!(
+            consumed = summary.consumed,
+            verdicts = summary.verdicts,
+            flagged = summary.flagged,
+            dead_letters = summary.dead_letters,
+            published = summary.published,
+            paused_times = summary.paused_times,
+            max_in_flight = summary.max_in_flight,
+            drained = summary.drained,
+            final_commit_confirmed = summary.final_commit_confirmed,
+            threads_left_running = summary.threads_left_running,
+            "dlsr stopped"
+        );
         match faults.first() {
             Some(f) => Err(DaemonError::Fault(f)),
             None => Ok(summary),

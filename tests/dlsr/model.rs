@@ -109,21 +109,16 @@ fn score_prints_json_lines_and_error_lines() {
     std::fs::copy(&photos[0].0, dir.path().join("photo.jpg")).unwrap();
     std::fs::write(dir.path().join("broken.png"), b"").unwrap();
     let (ok, stdout, stderr) = run(
-        &[
-            "-q",
-            "score",
-            "--model",
-            f.bundle.to_str().unwrap(),
-            dir.path().to_str().unwrap(),
-            &mnist(),
-            "--limit",
-            "2",
-        ],
+        &["score", "--model", f.bundle.to_str().unwrap(), dir.path().to_str().unwrap(), &mnist(), "--limit", "2"],
         &f.dir.path().join("cache"),
     );
     assert!(ok, "{stderr}");
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4, "{stdout}");
+    // The summary at the end, on stderr: counts, flagged, skipped by code.
+    let flagged = lines.iter().filter(|l| l["is_ood"] == true).count();
+    assert!(stderr.contains("score: 3 items scored, 1 failed"), "{stderr}");
+    assert!(stderr.contains(&format!("; {flagged} flagged; 1 skipped (empty 1)")), "{stderr}");
     let broken = lines.iter().find(|l| l["id"] == "broken.png").expect("an error line for broken.png");
     assert_eq!(broken["code"], "empty");
     assert!(broken["error"].as_str().unwrap().contains("empty"));
