@@ -16,13 +16,14 @@ use crate::audit::topic::{parse_time, Start, TopicMessage, TopicRange, TopicRead
 use crate::audit::{
     self, report, AuditError, AuditSettings, Outputs, ScoredBatch, SetAudit, SetSummary, Skipped, Thumbnailer,
 };
-use crate::data::{decode, DataSet};
+use crate::data::DataSet;
 use crate::encode::{EncodeOptions, RawBatch};
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
-use crate::model::score::{content_seed, ScoreKind};
+use crate::model::score::ScoreKind;
 use crate::progress::Progress;
 use crate::stream::message::{item_id, Source};
+use crate::stream::scorer::decode_message;
 use crate::verdict::judge;
 
 #[derive(Debug, Args)]
@@ -379,11 +380,8 @@ fn audit_topic(
         }
         let id = item_id(m.key.as_deref(), &m.source);
         // The daemon's decoding: the same limits, the same error codes.
-        match decode::decode(&m.payload, &limits)
-            .map_err(|e| (e.code(), e.to_string()))
-            .and_then(|img| pre.apply(&img).map_err(|e| ("preprocess", e.to_string())))
-        {
-            Ok(image) => pending.push((id, content_seed(&m.payload), image, m.source)),
+        match decode_message(&m.payload, &limits, &pre) {
+            Ok((image, seed)) => pending.push((id, seed, image, m.source)),
             Err((code, reason)) => {
                 set.skip(Skipped { id, code: code.into(), reason, source: Some(m.source) })?;
             }

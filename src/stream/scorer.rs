@@ -162,6 +162,19 @@ pub struct Decoded {
     pub decoded_at: Instant,
 }
 
+/// A message value as the daemon reads it: decoded under `limits` and preprocessed, with
+/// its noise seed; or the error code and reason it is dead-lettered with. `dlsr audit
+/// --from-topic` reads messages through this too, so both agree on every payload.
+pub fn decode_message(
+    payload: &[u8],
+    limits: &crate::data::DecodeLimits,
+    pre: &Preprocess,
+) -> Result<(Tensor, u64), (&'static str, String)> {
+    let image = decode::decode(payload, limits).map_err(|e| (e.code(), e.to_string()))?;
+    let tensor = pre.apply(&image).map_err(|e| ("preprocess", e.to_string()))?;
+    Ok((tensor, content_seed(payload)))
+}
+
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
 /// dead-lettered with their error code.
 pub fn decode_worker(
@@ -181,13 +194,10 @@ pub fn decode_worker(
             Err(_) => return,
         };
         let started = Instant::now();
-        let result = decode::decode(&work.payload, &limits)
-            .map_err(|e| (e.code(), e.to_string()))
-            .and_then(|img| pre.apply(&img).map_err(|e| ("preprocess", e.to_string())));
+        let result = decode_message(&work.payload, &limits, &pre);
         metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(image) => {
-                let seed = content_seed(&work.payload);
+            Ok((image, seed)) => {
                 if tx.send(Decoded { work, image, seed, decoded_at: Instant::now() }).is_err() {
                     return;
                 }
