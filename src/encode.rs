@@ -1,7 +1,7 @@
 //! Encoding a data set into feature vectors: read + decode + preprocess on a prefetch
 //! thread while the encoder runs the previous batch; bad items are skipped and reported
 //! (with their error codes), never fatal; progress is shown. Each item also gets a seed
-//! from its content (for the scoring noise). Encoded sets can be cached on disk, keyed by
+//! from its decoded pixels (for the scoring noise). Encoded sets can be cached on disk, keyed by
 //! everything that determines them, so refitting with other LFDN settings skips encoding.
 
 use std::collections::BTreeMap;
@@ -11,9 +11,9 @@ use std::sync::mpsc;
 use tch::{Kind, Tensor};
 
 use crate::data::source::{decode_item, ItemErrorKind};
-use crate::data::{DataSet, DecodeLimits, ItemContent, ItemError, Preprocess};
+use crate::data::{DataSet, DecodeLimits, ItemError, Preprocess};
 use crate::model::features::{FeatureExtractor, Features, LayerOffsets};
-use crate::model::score::content_seed;
+use crate::model::score::pixel_seed;
 use crate::model::ModelError;
 use crate::progress::Progress;
 
@@ -55,11 +55,8 @@ pub fn load_item(
     pre: &Preprocess,
 ) -> Result<(String, u64, Tensor), ItemError> {
     let item = set.get(index)?;
-    let seed = match &item.content {
-        ItemContent::Encoded(bytes) => content_seed(bytes),
-        ItemContent::Grey { pixels, .. } => content_seed(pixels),
-    };
     let image = decode_item(&item, limits)?;
+    let seed = pixel_seed(image.width, image.height, &image.rgb);
     let tensor = pre
         .apply(&image)
         .map_err(|e| ItemError { id: item.id.clone(), kind: ItemErrorKind::Preprocess(e.to_string()) })?;
@@ -183,8 +180,8 @@ pub fn cache_dir() -> PathBuf {
     base.join("features")
 }
 
-/// The cache key: encoder identity (incl. weights checksum), preprocessing, decode
-/// limits, the data's fingerprint and the item limit.
+/// The cache key: encoder identity (incl. weights checksum) and precision,
+/// preprocessing, decode limits, the data's fingerprint and the item limit.
 pub fn cache_key(
     extractor: &FeatureExtractor,
     set: &DataSet,
@@ -196,8 +193,10 @@ pub fn cache_key(
         source: std::io::Error::other(e.to_string()),
     })?;
     let key = serde_json::json!({
-        "v": 1,
+        // 2: seeds from decoded pixels (v1 hashed the container's bytes).
+        "v": 2,
         "encoder": extractor.encoder.identity(),
+        "precision": extractor.encoder.precision(),
         "preprocess": extractor.preprocess,
         "limits": opts.limits,
         "data": fingerprint,

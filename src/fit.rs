@@ -123,6 +123,7 @@ pub fn fit(
         )));
     }
     let schedule = Schedule::dlsr();
+    opts.scoring.check(schedule.steps, encoded.offsets.layers())?;
     let trained =
         train(&train_values, config, &schedule, &opts.train, opts.device, opts.encode.quiet, interrupted)?;
 
@@ -138,12 +139,17 @@ pub fn fit(
     scorer.validate()?;
     let hold_scores = score_all(&scorer, &hold_values, &hold_seeds, 256)?;
     let per_score = by_kind(&hold_scores);
-    let calibration =
-        Calibration::build(&per_score, opts.target_fpr, &format!("{} (held-out {holdout})", opts.data))?;
-    for (kind, c) in &calibration.scores {
-        if let Some(note) = &c.note {
-            tracing::warn!(score = kind.name(), "{note}");
-        }
+    let calibration = Calibration::build(
+        &per_score,
+        opts.target_fpr,
+        &format!("{} (held-out {holdout})", opts.data),
+        extractor.encoder.precision(),
+    )?;
+    // The scores share the held-out count, so their notes usually say the same: once each.
+    let notes: std::collections::BTreeSet<&str> =
+        calibration.scores.values().filter_map(|c| c.note.as_deref()).collect();
+    for note in notes {
+        tracing::warn!("calibration: {note}");
     }
     let calibrate_seconds = started.elapsed().as_secs_f64();
 
@@ -169,6 +175,7 @@ pub fn fit(
             train_items: n - holdout,
             holdout_items: holdout,
             skipped_items: encoded.skipped.len(),
+            precision: extractor.encoder.precision(),
             config: opts.train.clone(),
             summary: trained.summary,
             encode_seconds: encoded.seconds,

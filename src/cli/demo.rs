@@ -99,6 +99,7 @@ fn ensure_bundle(opts: &DemoOptions) -> anyhow::Result<()> {
         size: crate::cli::DEFAULT_INPUT_SIZE,
         resize: crate::data::ResizeMode::Stretch,
         normalisation: crate::data::Normalisation::LITE,
+        antialias: true,
     };
     let extractor = crate::model::features::FeatureExtractor::new(encoder, pre);
     let fit = crate::fit::FitOptions {

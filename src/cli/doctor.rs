@@ -69,8 +69,12 @@ pub fn imagenet_top1(
     photos: &[(std::path::PathBuf, i64)],
 ) -> anyhow::Result<(usize, Vec<i64>)> {
     use crate::data::{decode, DecodeLimits, Normalisation, Preprocess, ResizeMode};
-    let pre =
-        Preprocess { size: variant.native_size(), resize: ResizeMode::CenterCrop, normalisation: Normalisation::LITE };
+    let pre = Preprocess {
+        size: variant.native_size(),
+        resize: ResizeMode::CenterCrop,
+        normalisation: Normalisation::LITE,
+        antialias: true,
+    };
     let mut batch = Vec::new();
     for (path, _) in photos {
         let image = decode::decode(&std::fs::read(path)?, &DecodeLimits::default())?;

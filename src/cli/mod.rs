@@ -87,6 +87,10 @@ pub struct EncoderArgs {
     /// Images per encoder batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Shrink images with plain bilinear sampling, as dlsr did before anti-aliasing
+    /// (enlarging is plain bilinear either way).
+    #[arg(long)]
+    pub no_antialias: bool,
     /// f32, or on CUDA f16 (autocast) / bf16.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
@@ -125,6 +129,7 @@ impl EncoderArgs {
             size: self.input_size,
             resize: self.resize,
             normalisation: self.norm.unwrap_or(native.normalisation),
+            antialias: !self.no_antialias,
         };
         Ok(FeatureExtractor::new(encoder, preprocess))
     }

@@ -177,19 +177,28 @@ pub(super) fn skipped_text<K: std::fmt::Display>(total: usize, by_code: &std::co
 }
 
 fn print_calibration(c: &Calibration) {
-    println!("calibration at target FPR {:.2}% on {} held-out items:", c.target_fpr * 100.0, c.items);
+    println!(
+        "calibration at target FPR {:.2}% on {} held-out items ({} features):",
+        c.target_fpr * 100.0,
+        c.items,
+        c.precision
+    );
     for (kind, s) in &c.scores {
+        let (lo, hi) = s.fpr_interval(c.items);
         println!(
-            "  {:<5} threshold {:.6}  achieved FPR {:.2}%{}",
+            "  {:<5} threshold {:.6}  achieved FPR {:.2}% (95% CI {:.2}%..{:.2}%){}",
             kind.name(),
             s.threshold,
             s.achieved_fpr * 100.0,
-            if s.achievable {
-                String::new()
-            } else {
-                format!("  NOT ACHIEVABLE: {}", s.note.clone().unwrap_or_default())
-            }
+            lo * 100.0,
+            hi * 100.0,
+            if s.achievable { "" } else { "  NOT ACHIEVABLE" }
         );
+    }
+    // One note per distinct text: the scores share the held-out count, so usually one.
+    let notes: std::collections::BTreeSet<&str> = c.scores.values().filter_map(|s| s.note.as_deref()).collect();
+    for note in notes {
+        println!("  note: {note}");
     }
 }
 
@@ -398,6 +407,17 @@ pub struct EvalArgs {
     /// Directory for metrics.json, report.md and the plots.
     #[arg(long)]
     pub out: PathBuf,
+    /// Layers MFsim averages in this evaluation, e.g. 1,2,3,4 (default: the bundle's).
+    /// Only the averaging changes, no refit; the calibrated MFsim threshold no longer
+    /// applies, so flagged shares need --threshold.
+    #[arg(long, value_delimiter = ',')]
+    pub mfsim_layers: Option<Vec<usize>>,
+    /// The score whose flagged shares are reported (default: the bundle's).
+    #[arg(long)]
+    pub score_kind: Option<ScoreKind>,
+    /// Report flagged shares at this threshold instead of the calibrated one.
+    #[arg(long)]
+    pub threshold: Option<f64>,
     /// Do not read or write the feature cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -416,13 +436,21 @@ fn parse_named_spec(s: &str) -> Result<(String, String), String> {
 
 pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
     let (bundle, extractor) = args.bundle.load()?;
-    let settings = bundle.meta.scoring.clone();
+    let mut settings = bundle.meta.scoring.clone();
+    if let Some(layers) = &args.mfsim_layers {
+        settings.mfsim_layers = Some(layers.clone());
+    }
+    let choice = crate::evaluate::ThresholdChoice { score: args.score_kind, value: args.threshold };
+    if choice.score == Some(ScoreKind::Lr) && !bundle.meta.has_first_epoch {
+        bail!("the bundle has no first-epoch weights, so no LR score");
+    }
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
     let cache = (!args.no_cache).then(cache_dir);
     let report = crate::evaluate::evaluate(
         &bundle,
         &extractor,
         &settings,
+        choice,
         &args.id,
         &args.oods,
         args.data_opts.limit,
@@ -466,7 +494,7 @@ pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
     }
     let scores = score_all(&bundle.scorer(&settings), &encoded.values, &encoded.seeds, 256)?;
     let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
-    let calibration = Calibration::build(&by_kind(&scores), target, &args.data)?;
+    let calibration = Calibration::build(&by_kind(&scores), target, &args.data, extractor.encoder.precision())?;
     println!(
         "{} items scored, {}",
         encoded.ids.len(),

@@ -1,12 +1,17 @@
 //! Thresholds from held-out ID scores alone (METHOD.md section 6): per score, the
 //! threshold that flags at most the target fraction of ID items, and the ID score
-//! quantiles so that any score can be reported as an ID percentile. When the target rate
-//! cannot be resolved with the number of held-out items, the calibration says so.
+//! quantiles so that any score can be reported as an ID percentile. The rate a threshold
+//! achieves on held-out items is an estimate of the rate on new ID data, so it comes with
+//! a 95% interval from the held-out count; when that interval is wide against the target
+//! (or the target cannot be resolved at all), the calibration says so and how many
+//! held-out items would do.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::stats::clopper_pearson;
+use crate::model::encoder::Precision;
 use crate::model::score::ScoreKind;
 
 /// Quantiles kept per score (0, 0.1%, ..., 100%).
@@ -18,6 +23,11 @@ pub struct ScoreCalibration {
     pub threshold: f64,
     /// Fraction of the held-out ID items above the threshold.
     pub achieved_fpr: f64,
+    /// 95% interval (Clopper-Pearson) of the false-positive rate the threshold gives on
+    /// new ID data, from the held-out count: the achieved rate is an estimate. Absent in
+    /// bundles made before it was recorded (see [`ScoreCalibration::fpr_interval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub achieved_fpr_ci95: Option<(f64, f64)>,
     /// False when the target rate needs more held-out items than there were.
     pub achievable: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -32,6 +42,10 @@ pub struct Calibration {
     pub items: usize,
     /// Where the held-out ID data came from.
     pub source: String,
+    /// The encoder precision the held-out scores were computed in: serving in another
+    /// moves scores, and so the false-positive rate. f32 in bundles that predate it.
+    #[serde(default)]
+    pub precision: Precision,
     pub scores: BTreeMap<ScoreKind, ScoreCalibration>,
 }
 
@@ -76,12 +90,59 @@ pub fn calibrate_scores(scores: &[f64], target_fpr: f64) -> Result<ScoreCalibrat
     } else {
         (s[n - 1 - k], true, None)
     };
-    let achieved_fpr = s.iter().filter(|&&x| x > threshold).count() as f64 / n as f64;
+    let above = s.iter().filter(|&&x| x > threshold).count();
+    let achieved_fpr = above as f64 / n as f64;
+    let interval = clopper_pearson(above as u64, n as u64, 0.95);
+    let note = note.or_else(|| {
+        let half_width = (interval.1 - interval.0) / 2.0;
+        (half_width > TOLERATED_RELATIVE_HALF_WIDTH * target_fpr).then(|| {
+            format!(
+                "with {n} held-out items the achieved {:.2}% false-positive rate is only known to lie \
+                 within {:.1}%..{:.1}% (95%); hold out about {} items for +-25% of the target",
+                achieved_fpr * 100.0,
+                interval.0 * 100.0,
+                interval.1 * 100.0,
+                items_for_relative_precision(target_fpr)
+            )
+        })
+    });
     let quantiles = (0..QUANTILES).map(|i| quantile_sorted(&s, i as f64 / (QUANTILES - 1) as f64)).collect();
-    Ok(ScoreCalibration { threshold, achieved_fpr, achievable, note, quantiles })
+    Ok(ScoreCalibration {
+        threshold,
+        achieved_fpr,
+        achieved_fpr_ci95: Some(interval),
+        achievable,
+        note,
+        quantiles,
+    })
+}
+
+/// Beyond this half-width of the 95% interval, relative to the target rate, calibration
+/// warns: 5% calibrated on 300 items (the CI-sized fit) is 2.9%..8.1%, which an on-call
+/// person would read as two different models.
+const TOLERATED_RELATIVE_HALF_WIDTH: f64 = 0.25;
+
+/// Held-out items for a 95% interval of +-25% of `rate` (normal approximation), rounded
+/// up to a hundred.
+pub fn items_for_relative_precision(rate: f64) -> usize {
+    let z = 1.96 / TOLERATED_RELATIVE_HALF_WIDTH;
+    let n = z * z * (1.0 - rate) / rate;
+    (n / 100.0).ceil() as usize * 100
+}
+
+/// 95% interval of a false-positive rate measured as `rate` on `items` held-out items.
+pub fn rate_interval(rate: f64, items: usize) -> (f64, f64) {
+    let k = (rate * items as f64).round().max(0.0) as u64;
+    clopper_pearson(k.min(items as u64), items as u64, 0.95)
 }
 
 impl ScoreCalibration {
+    /// The 95% interval of the achieved rate: recorded, or from `items` for bundles that
+    /// predate recording it.
+    pub fn fpr_interval(&self, items: usize) -> (f64, f64) {
+        self.achieved_fpr_ci95.unwrap_or_else(|| rate_interval(self.achieved_fpr, items))
+    }
+
     /// Where `score` falls among the held-out ID scores, in percent (0..100).
     pub fn id_percentile(&self, score: f64) -> f64 {
         let q = &self.quantiles;
@@ -124,6 +185,7 @@ impl Calibration {
         per_score: &BTreeMap<ScoreKind, Vec<f64>>,
         target_fpr: f64,
         source: &str,
+        precision: Precision,
     ) -> Result<Self, CalibrationError> {
         let items = per_score.values().map(Vec::len).max().unwrap_or(0);
         let scores = per_score
@@ -131,7 +193,7 @@ impl Calibration {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| Ok((*k, calibrate_scores(v, target_fpr)?)))
             .collect::<Result<_, CalibrationError>>()?;
-        Ok(Self { target_fpr, items, source: source.to_string(), scores })
+        Ok(Self { target_fpr, items, source: source.to_string(), precision, scores })
     }
 }
 
@@ -162,6 +224,26 @@ mod tests {
         assert_eq!(c.id_exceedance(-1.0), 1.0);
         assert_eq!(c.id_exceedance(1e9), 0.0);
         assert!(c.id_quantile(1.5).is_nan());
+    }
+
+    #[test]
+    fn the_achieved_rate_comes_with_its_interval_and_a_warning_when_wide() {
+        // 300 held-out items at 5%: 15 above the threshold; R's binom.test(15, 300)
+        // gives 0.02827..0.08111.
+        let scores: Vec<f64> = (0..300).map(f64::from).collect();
+        let c = calibrate_scores(&scores, 0.05).unwrap();
+        let (lo, hi) = c.achieved_fpr_ci95.unwrap();
+        assert!((lo - 0.02827).abs() < 2e-4 && (hi - 0.08111).abs() < 2e-4, "{lo} {hi}");
+        let note = c.note.unwrap();
+        assert!(note.contains("2.8%..8.1%") && note.contains("about 1200 items"), "{note}");
+        // 6000 items: 4.5%..5.6%, narrow enough, no note.
+        let many: Vec<f64> = (0..6000).map(f64::from).collect();
+        let c = calibrate_scores(&many, 0.05).unwrap();
+        assert!(c.note.is_none(), "{:?}", c.note);
+        assert_eq!(c.fpr_interval(6000), c.achieved_fpr_ci95.unwrap());
+        assert_eq!(items_for_relative_precision(0.01), 6100);
+        let (lo, hi) = rate_interval(0.05, 6000);
+        assert!(lo < 0.05 && hi > 0.05 && hi - lo < 0.012, "{lo} {hi}");
     }
 
     #[test]

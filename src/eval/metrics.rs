@@ -1,7 +1,8 @@
-//! OOD detection metrics with OOD as the positive class and higher score = more OOD.
-//! AUROC is exact with ties (Mann-Whitney with mid-ranks); FPR95 puts the threshold where
-//! 95% of ID scores are accepted and reports the fraction of OOD accepted with them;
-//! AUPR is average precision (step-wise, ties grouped).
+//! OOD detection metrics, higher score = more OOD. AUROC and AUPR take OOD as the
+//! positive class: AUROC is exact with ties (Mann-Whitney with mid-ranks), AUPR is
+//! average precision (step-wise, ties grouped). FPR95 follows the OOD literature's usual
+//! convention, with ID as the positive class: the false-positive rate (OOD accepted as
+//! ID) at the threshold where the true-positive rate (ID accepted) is 95%.
 
 fn finite_sorted(v: &[f64]) -> Vec<f64> {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -44,9 +45,11 @@ pub fn id_acceptance_threshold(id: &[f64], fraction: f64) -> Option<f64> {
     Some(s[k - 1])
 }
 
-/// False-positive rate at 95% true-negative rate: the fraction of OOD scores at or below
-/// the threshold that accepts 95% of ID scores (OOD wrongly accepted as ID).
-pub fn fpr_at_95_tnr(id: &[f64], ood: &[f64]) -> Option<f64> {
+/// FPR at 95% TPR with ID as the positive class (the OOD literature's "FPR95"): the
+/// fraction of OOD scores at or below the threshold that accepts 95% of ID scores, i.e.
+/// OOD wrongly accepted as ID. (With OOD as positive this would be the false-negative
+/// rate at 95% true-negative rate: the same number, another name.)
+pub fn fpr_at_95_tpr(id: &[f64], ood: &[f64]) -> Option<f64> {
     let threshold = id_acceptance_threshold(id, 0.95)?;
     if ood.is_empty() {
         return None;
@@ -135,8 +138,8 @@ mod tests {
         // four are at or below 19 -> 0.5.
         let id: Vec<f64> = (1..=20).map(f64::from).collect();
         assert_eq!(id_acceptance_threshold(&id, 0.95), Some(19.0));
-        assert_eq!(fpr_at_95_tnr(&id, &[5.0, 19.0, 19.5, 30.0]), Some(0.5));
-        assert_eq!(fpr_at_95_tnr(&id, &[25.0]), Some(0.0));
+        assert_eq!(fpr_at_95_tpr(&id, &[5.0, 19.0, 19.5, 30.0]), Some(0.5));
+        assert_eq!(fpr_at_95_tpr(&id, &[25.0]), Some(0.0));
     }
 
     #[test]

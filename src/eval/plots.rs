@@ -1,6 +1,7 @@
 //! Plots for an evaluation, as SVG (no fonts or system libraries needed): per score, the
 //! ID score histogram against each OOD set's, with the calibrated threshold; and the ROC
-//! curves of every OOD set.
+//! curves of every OOD set, on a linear and on a logarithmic false-positive axis (at AUROC
+//! 0.99 everything that matters happens below 5% FPR).
 
 use std::path::Path;
 
@@ -28,8 +29,10 @@ fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |reason| PlotError { path: path.display().to_string(), reason }
 }
 
-/// Density histograms of ID and OOD scores, 60 bins over the 0.5%..99.5% range of all
-/// scores (so a few extreme values do not squash the picture).
+/// Density histograms of ID and OOD scores, 60 bins. The whole range is shown unless a
+/// few extreme values would squash the picture (full range over 3x the 0.5%..99.5%
+/// range); then the plot spans 0.5%..99.5% and each series' legend says how many of its
+/// items lie outside, counted in the edge bins.
 pub fn score_histogram(
     path: &Path,
     title: &str,
@@ -44,8 +47,11 @@ pub fn score_histogram(
         return Err(e("no scores".into()));
     }
     all.sort_by(f64::total_cmp);
-    let lo = all[(all.len() as f64 * 0.005) as usize];
-    let hi = all[((all.len() as f64 * 0.995) as usize).min(all.len() - 1)];
+    let (min, max) = (all[0], all[all.len() - 1]);
+    let q_lo = all[(all.len() as f64 * 0.005) as usize];
+    let q_hi = all[((all.len() as f64 * 0.995) as usize).min(all.len() - 1)];
+    let cut = max - min > 3.0 * (q_hi - q_lo) && q_hi > q_lo;
+    let (lo, hi) = if cut { (q_lo, q_hi) } else { (min, max) };
     let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
     let bins = 60;
     let width = (hi - lo) / bins as f64;
@@ -58,8 +64,18 @@ pub fn score_histogram(
         let n = v.len().max(1) as f64;
         h.iter().map(|c| c / n / width).collect()
     };
-    let mut series = vec![("ID".to_string(), density(id))];
-    series.extend(oods.iter().map(|(name, v)| (format!("OOD: {name}"), density(v))));
+    let label = |name: String, v: &[f64]| -> String {
+        let below = v.iter().filter(|&&x| x < lo).count();
+        let above = v.iter().filter(|&&x| x > hi).count();
+        match (below, above) {
+            (0, 0) => name,
+            (0, a) => format!("{name} ({a} above {hi:.4} in the last bin)"),
+            (b, 0) => format!("{name} ({b} below {lo:.4} in the first bin)"),
+            (b, a) => format!("{name} ({b} below, {a} above the range, in the edge bins)"),
+        }
+    };
+    let mut series = vec![(label("ID".to_string(), id), density(id))];
+    series.extend(oods.iter().map(|(name, v)| (label(format!("OOD: {name}"), v), density(v))));
     let ymax = series.iter().flat_map(|s| s.1.iter()).copied().fold(0.0, f64::max) * 1.1;
 
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
@@ -137,6 +153,69 @@ pub fn roc_curves(path: &Path, title: &str, curves: &[(String, &[f64], &[f64])])
             .draw_series(LineSeries::new(roc_curve(id, ood), color.stroke_width(2)))
             .map_err(|x| e(x.to_string()))?
             .label(format!("{label} (AUROC {auc:.4})"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// ROC curves with a logarithmic false-positive axis, from half of one ID item's share to
+/// 1 (a point at FPR 0 is drawn at the axis' left end), with the usual 5% and 1%
+/// operating points marked.
+pub fn roc_curves_log_fpr(
+    path: &Path,
+    title: &str,
+    curves: &[(String, &[f64], &[f64])],
+) -> Result<(), PlotError> {
+    let e = err(path);
+    let most_id = curves.iter().map(|c| c.1.len()).max().unwrap_or(1).max(1);
+    let floor = 0.5 / most_id as f64;
+    let root = SVGBackend::new(path, (720, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((floor..1.0).log_scale(), 0.0..1.0)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("false-positive rate (ID flagged), log scale")
+        .y_desc("true-positive rate (OOD flagged)")
+        .x_label_formatter(&|v| {
+            if *v >= 0.01 {
+                format!("{:.0}%", v * 100.0)
+            } else {
+                format!("{:.2}%", v * 100.0)
+            }
+        })
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for rate in [0.01, 0.05] {
+        chart
+            .draw_series(LineSeries::new(vec![(rate, 0.0), (rate, 1.0)], BLACK.mix(0.25)))
+            .map_err(|x| e(x.to_string()))?;
+    }
+    for (i, (label, id, ood)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points: Vec<(f64, f64)> =
+            roc_curve(id, ood).into_iter().map(|(f, t)| (f.max(floor), t)).collect();
+        let tpr_at = |rate: f64| points.iter().filter(|p| p.0 <= rate).map(|p| p.1).fold(0.0, f64::max);
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(format!(
+                "{label} (TPR {:.1}% at 1% FPR, {:.1}% at 5%)",
+                tpr_at(0.01) * 100.0,
+                tpr_at(0.05) * 100.0
+            ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
     }
     chart

@@ -342,6 +342,7 @@ impl EfficientNetLite {
                 size: variant.native_size(),
                 resize: ResizeMode::Stretch,
                 normalisation: Normalisation::LITE,
+                antialias: true,
             },
         };
         Ok(Self {
@@ -448,6 +449,10 @@ impl Encoder for EfficientNetLite {
 
     fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision.effective(self.vs.device())
     }
 
     fn feature_maps(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError> {

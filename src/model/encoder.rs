@@ -59,9 +59,23 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl Precision {
+    /// The precision a forward pass on `device` actually runs in: f16 is CUDA autocast,
+    /// which does not apply on the CPU, so f16 there is f32.
+    pub fn effective(self, device: Device) -> Self {
+        match self {
+            Self::F16 if !device.is_cuda() => Self::F32,
+            other => other,
+        }
+    }
+}
+
 pub trait Encoder: Send {
     fn identity(&self) -> &EncoderIdentity;
     fn device(&self) -> Device;
+    /// The precision features come out in (see [`Precision::effective`]): part of what
+    /// features are, for the cache and for a bundle's thresholds.
+    fn precision(&self) -> Precision;
     /// Runs the encoder on a normalised batch already on [`Encoder::device`].
     fn feature_maps(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError>;
 }
@@ -104,5 +118,9 @@ pub fn load(
 }
 
 /// Default preprocessing for a TorchScript encoder: ImageNet statistics at 224 px.
-pub const TORCHSCRIPT_DEFAULT_PREPROCESS: Preprocess =
-    Preprocess { size: 224, resize: ResizeMode::Stretch, normalisation: Normalisation::IMAGENET };
+pub const TORCHSCRIPT_DEFAULT_PREPROCESS: Preprocess = Preprocess {
+    size: 224,
+    resize: ResizeMode::Stretch,
+    normalisation: Normalisation::IMAGENET,
+    antialias: true,
+};

@@ -71,6 +71,42 @@ impl Default for ScoreSettings {
     }
 }
 
+impl ScoreSettings {
+    /// The layers MFsim averages, for features of `layers` layers.
+    pub fn layers_in_use(&self, layers: usize) -> Vec<usize> {
+        match &self.mfsim_layers {
+            Some(ls) if !ls.is_empty() => ls.clone(),
+            _ => (0..layers).collect(),
+        }
+    }
+}
+
+impl ScoreSettings {
+    /// Checks the settings against a schedule of `steps` steps and features of `layers`
+    /// layers (before training, so that a bad setting does not cost a fit).
+    pub fn check(&self, steps: usize, layers: usize) -> Result<(), ScoreError> {
+        // t0 = 0 would distort nothing and never call the network: every score noise.
+        if self.t0 == 0 || self.t0 >= steps {
+            return Err(ScoreError::BadT0 { t0: self.t0, steps });
+        }
+        if self.stride == 0 {
+            return Err(ScoreError::BadStride);
+        }
+        for &layer in self.mfsim_layers.iter().flatten() {
+            if layer >= layers {
+                return Err(ScoreError::BadLayer { layer, layers });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// MFsim over `chosen` layers: minus the mean cosine between each layer's features and
+/// their reconstruction.
+pub fn mfsim_of(per_layer: &[LayerScore], chosen: &[usize]) -> f64 {
+    -chosen.iter().map(|&l| per_layer[l].cos).sum::<f64>() / chosen.len().max(1) as f64
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LayerScore {
     pub mse: f64,
@@ -98,7 +134,7 @@ impl ItemScores {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
-    #[error("t0 = {t0} is outside the schedule's 0..{steps}")]
+    #[error("t0 = {t0} is outside the schedule's 1..{steps}")]
     BadT0 { t0: usize, steps: usize },
     #[error("stride must be at least 1")]
     BadStride,
@@ -112,11 +148,25 @@ pub enum ScoreError {
     Tch(#[from] tch::TchError),
 }
 
-/// A 64-bit seed from an item's content (its encoded bytes or raw pixels).
-pub fn content_seed(bytes: &[u8]) -> u64 {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
-    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+/// A 64-bit seed for an item's noise from its decoded pixels (8-bit RGB, row-major) and
+/// size, not from the container: the same image read from an IDX record, a PNG file or a
+/// Kafka message gets the same seed, hence the same score. (A lossy re-encoding changes
+/// the pixels, so it is another image.) The hash is a multiply-xorshift over 8-byte
+/// words, fast enough for photos (a 12-megapixel image in about 10 ms); it only has to
+/// spread seeds, not resist an adversary.
+pub fn pixel_seed(width: u32, height: u32, rgb: &[u8]) -> u64 {
+    let mut state = (u64::from(width) << 32) | u64::from(height);
+    let mut h = splitmix64(&mut state) ^ rgb.len() as u64;
+    let mut words = rgb.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes([word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7]]);
+        h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 29;
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    splitmix64(&mut h)
 }
 
 /// One step of splitmix64: the project's seeded generator (noise, shuffles).
@@ -162,19 +212,7 @@ pub struct Scorer<'a> {
 
 impl Scorer<'_> {
     pub fn validate(&self) -> Result<(), ScoreError> {
-        let s = self.settings;
-        if s.t0 >= self.schedule.steps {
-            return Err(ScoreError::BadT0 { t0: s.t0, steps: self.schedule.steps });
-        }
-        if s.stride == 0 {
-            return Err(ScoreError::BadStride);
-        }
-        let layers = self.offsets.layers();
-        for &layer in s.mfsim_layers.iter().flatten() {
-            if layer >= layers {
-                return Err(ScoreError::BadLayer { layer, layers });
-            }
-        }
+        self.settings.check(self.schedule.steps, self.offsets.layers())?;
         if self.offsets.dim() != self.final_model.config.dim {
             return Err(ScoreError::BadDim { got: self.offsets.dim(), want: self.final_model.config.dim });
         }
@@ -251,16 +289,13 @@ impl Scorer<'_> {
             let layers = self.offsets.layers();
             let lm = to_vec(&layer_mse.f_reshape([-1])?)?;
             let lc = to_vec(&layer_cos.f_reshape([-1])?)?;
-            let chosen: Vec<usize> = match &self.settings.mfsim_layers {
-                Some(ls) if !ls.is_empty() => ls.clone(),
-                _ => (0..layers).collect(),
-            };
+            let chosen = self.settings.layers_in_use(layers);
             Ok((0..batch)
                 .map(|i| {
                     let per_layer: Vec<LayerScore> = (0..layers)
                         .map(|l| LayerScore { mse: lm[i * layers + l], cos: lc[i * layers + l] })
                         .collect();
-                    let mfsim = -chosen.iter().map(|&l| per_layer[l].cos).sum::<f64>() / chosen.len() as f64;
+                    let mfsim = mfsim_of(&per_layer, &chosen);
                     ItemScores { mse: mse[i], mfsim, lr: lr.as_ref().map(|v| v[i]), layers: per_layer }
                 })
                 .collect())
@@ -307,8 +342,28 @@ mod tests {
     }
 
     #[test]
-    fn content_seed_depends_on_every_byte() {
-        assert_eq!(content_seed(b"abc"), content_seed(b"abc"));
-        assert_ne!(content_seed(b"abc"), content_seed(b"abd"));
+    fn settings_reject_t0_zero_and_unknown_layers() {
+        let ok = ScoreSettings::default();
+        assert!(ok.check(1000, 5).is_ok());
+        let t0_zero = ScoreSettings { t0: 0, ..ok.clone() };
+        assert!(matches!(t0_zero.check(1000, 5), Err(ScoreError::BadT0 { t0: 0, .. })));
+        assert!(ScoreSettings { t0: 1000, ..ok.clone() }.check(1000, 5).is_err());
+        assert!(ScoreSettings { mfsim_layers: Some(vec![1, 5]), ..ok.clone() }.check(1000, 5).is_err());
+        assert_eq!(ScoreSettings { mfsim_layers: Some(vec![2, 3]), ..ok.clone() }.layers_in_use(5), [2, 3]);
+        assert_eq!(ok.layers_in_use(3), [0, 1, 2]);
+    }
+
+    #[test]
+    fn pixel_seed_depends_on_every_pixel_and_the_size() {
+        let pixels: Vec<u8> = (0..=254).collect();
+        let seed = pixel_seed(17, 5, &pixels);
+        assert_eq!(seed, pixel_seed(17, 5, &pixels));
+        assert_ne!(seed, pixel_seed(5, 17, &pixels), "same bytes, other shape");
+        for i in [0, 7, 8, 250, 254] {
+            let mut changed = pixels.clone();
+            changed[i] ^= 1;
+            assert_ne!(seed, pixel_seed(17, 5, &changed), "byte {i}");
+        }
+        assert_ne!(pixel_seed(1, 1, &[0, 0, 0]), pixel_seed(1, 1, &[0, 0, 0, 0]));
     }
 }

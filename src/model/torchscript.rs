@@ -59,6 +59,10 @@ impl Encoder for TorchScriptEncoder {
         self.device
     }
 
+    fn precision(&self) -> Precision {
+        self.precision.effective(self.device)
+    }
+
     fn feature_maps(&self, images: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         let encoder = self.identity.name.clone();
         let kind = if self.precision == Precision::Bf16 { Kind::BFloat16 } else { Kind::Float };

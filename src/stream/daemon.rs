@@ -478,7 +478,10 @@ fn update_threshold_gauges(
     metrics.clear_thresholds();
     for topic in &cfg.kafka.input_topics {
         let thr = t.for_topic(topic);
-        let fpr = calibration.scores.get(&thr.kind).map(|c| c.id_exceedance(thr.value));
+        let fpr = calibration.scores.get(&thr.kind).map(|c| {
+            let rate = c.id_exceedance(thr.value);
+            (rate, crate::eval::calibration::rate_interval(rate, calibration.items))
+        });
         metrics.set_threshold(topic, thr.kind, thr.value, fpr);
     }
 }

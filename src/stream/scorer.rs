@@ -29,7 +29,7 @@ use crate::data::{decode, Preprocess};
 use crate::eval::calibration::Calibration;
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
-use crate::model::score::{content_seed, ItemScores, ScoreKind, ScoreSettings};
+use crate::model::score::{pixel_seed, ItemScores, ScoreKind, ScoreSettings};
 use crate::telemetry::metrics::Metrics;
 use crate::verdict::judge;
 
@@ -172,7 +172,7 @@ pub fn decode_message(
 ) -> Result<(Tensor, u64), (&'static str, String)> {
     let image = decode::decode(payload, limits).map_err(|e| (e.code(), e.to_string()))?;
     let tensor = pre.apply(&image).map_err(|e| ("preprocess", e.to_string()))?;
-    Ok((tensor, content_seed(payload)))
+    Ok((tensor, pixel_seed(image.width, image.height, &image.rgb)))
 }
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are

@@ -79,6 +79,7 @@ mod tests {
             target_fpr: 0.05,
             items: 1000,
             source: "test".into(),
+            precision: Default::default(),
             scores: [(ScoreKind::Mfsim, calibrate_scores(&scores, 0.05).unwrap())].into(),
         }
     }

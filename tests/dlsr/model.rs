@@ -94,11 +94,66 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
         assert!(set["fpr95"][kind].as_f64().unwrap() < 0.2);
     }
     assert!(set["auroc"]["lr"].as_f64().is_some(), "LR must be reported");
-    for file in ["report.md", "hist_mfsim.svg", "roc_mfsim.svg", "hist_mse.svg"] {
+    for file in ["report.md", "hist_mfsim.svg", "roc_mfsim.svg", "roc_log_mfsim.svg", "hist_mse.svg"] {
         let text = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(text.len() > 200, "{file} is nearly empty");
     }
     assert!(stdout.contains("| mnist | 1000 |"), "{stdout}");
+
+    // The evidence: each layer alone, and MFsim over every run of deepest layers.
+    let layers = set["per_layer"].as_array().unwrap();
+    assert_eq!(layers.len(), 5);
+    for l in layers {
+        let (cos, mse) = (l["auroc_cos"].as_f64().unwrap(), l["auroc_mse"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&cos) && (0.0..=1.0).contains(&mse), "{l}");
+    }
+    // The deep layers separate digits from clothes; the first (texture) layer does not.
+    assert!(layers[3]["auroc_cos"].as_f64().unwrap() > 0.95, "{layers:?}");
+    assert!(layers[0]["auroc_cos"].as_f64().unwrap() < 0.8, "{layers:?}");
+    let sets_of_layers: Vec<serde_json::Value> = set["mfsim_layer_sets"].as_array().unwrap().clone();
+    let over = |layers: &[u64]| -> f64 {
+        let wanted: Vec<serde_json::Value> = layers.iter().map(|&l| l.into()).collect();
+        sets_of_layers.iter().find(|s| s["layers"].as_array().unwrap() == &wanted).unwrap()["auroc"].as_f64().unwrap()
+    };
+    assert_eq!(over(&[0, 1, 2, 3, 4]), set["auroc"]["mfsim"].as_f64().unwrap(), "in-use set = the headline MFsim");
+    assert!(stdout.contains("Each layer alone") && stdout.contains("| 1-4 |"), "{stdout}");
+    // The threshold in use: what it flags of ID and of each OOD set.
+    let threshold = &metrics["threshold"];
+    assert_eq!(threshold["source"], "calibrated");
+    let id_flagged = threshold["id_flagged"].as_f64().unwrap();
+    assert!(id_flagged > 0.0 && id_flagged < 0.2, "{threshold}");
+    assert!(set["flagged"].as_f64().unwrap() > 0.8, "{set}");
+    assert!(stdout.contains("of the ID test set flagged"), "{stdout}");
+
+    // MFsim over other layers at eval time: only the averaging changes, so its AUROC is
+    // the one measured for that set above; the calibrated threshold no longer applies.
+    let out_14 = f.dir.path().join("eval-1-4");
+    let (ok, stdout, stderr) = run(
+        &[
+            "-q",
+            "eval",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            "--id",
+            &fmnist("t10k-images-idx3-ubyte.gz"),
+            "--ood",
+            &format!("mnist={}", mnist()),
+            "--limit",
+            "1000",
+            "--mfsim-layers",
+            "1,2,3,4",
+            "--out",
+            out_14.to_str().unwrap(),
+        ],
+        &f.dir.path().join("cache"),
+    );
+    assert!(ok, "eval --mfsim-layers failed: {stderr}");
+    let metrics_14: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_14.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics_14["sets"][0]["auroc"]["mfsim"].as_f64().unwrap(), over(&[1, 2, 3, 4]));
+    assert_eq!(metrics_14["mfsim_layers"], serde_json::json!([1, 2, 3, 4]));
+    assert!(metrics_14["threshold"].is_null());
+    assert!(stdout.contains("calibrated MFsim threshold is for layers 0-4, not 1-4"), "{stdout}");
 }
 
 #[test]

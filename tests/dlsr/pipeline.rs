@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dlsr::config::{Config, Publish};
 use dlsr::data::{Normalisation, Preprocess, ResizeMode};
 use dlsr::eval::calibration::{calibrate_scores, Calibration};
-use dlsr::model::score::{content_seed, ItemScores, LayerScore, ScoreKind};
+use dlsr::model::score::{pixel_seed, ItemScores, LayerScore, ScoreKind};
 use dlsr::stream::daemon::{self, Control, DaemonError, Summary};
 use dlsr::stream::headers;
 use dlsr::stream::message::ModelRef;
@@ -54,11 +54,17 @@ fn stub_info() -> ModelInfo {
     ModelInfo {
         model_ref: ModelRef { name: "stub".into(), sha256: "0".repeat(64) },
         encoder: "stub".into(),
-        preprocess: Preprocess { size: 8, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE },
+        preprocess: Preprocess {
+            size: 8,
+            resize: ResizeMode::Stretch,
+            normalisation: Normalisation::LITE,
+            antialias: true,
+        },
         calibration: Calibration {
             target_fpr: 0.05,
             items: reference.len(),
             source: "stub".into(),
+            precision: Default::default(),
             scores: [(ScoreKind::Mfsim, cal.clone()), (ScoreKind::Mse, cal)].into(),
         },
         default_score: ScoreKind::Mfsim,
@@ -167,6 +173,12 @@ fn start_scorers(cfg: Config, behaviour: Behaviour, scorers: usize) -> Running {
 }
 
 /// A tiny PNG of one grey level (0 black .. 255 white).
+/// The noise seed the daemon gives a message: from its decoded pixels.
+fn seed_of(message: &[u8]) -> u64 {
+    let image = dlsr::data::decode::decode(message, &Default::default()).unwrap();
+    pixel_seed(image.width, image.height, &image.rgb)
+}
+
 fn png(level: u8) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(6, 6, image::Rgb([level; 3]));
     let mut out = std::io::Cursor::new(Vec::new());
@@ -480,7 +492,7 @@ fn a_scoring_error_on_one_item_of_a_batch_dead_letters_only_that_item() {
     produce(&brokers, messages);
     let mut cfg = config(&brokers, "g-split");
     cfg.pipeline.batch_max_wait_ms = 300;
-    let daemon = start(cfg, Behaviour { failing: [content_seed(&bad)].into(), ..Default::default() });
+    let daemon = start(cfg, Behaviour { failing: [seed_of(&bad)].into(), ..Default::default() });
     let outputs = Reader::new(&brokers, "r-split").read(16, Duration::from_secs(60));
     let splits = daemon.metric("dlsr_scoring_splits_total");
     daemon.stop().unwrap();
@@ -500,7 +512,7 @@ fn a_non_finite_score_is_dead_lettered_and_never_judged() {
     produce(&brokers, messages);
     let daemon = start(
         config(&brokers, "g-nan"),
-        Behaviour { nan: [content_seed(&bad)].into(), ..Default::default() },
+        Behaviour { nan: [seed_of(&bad)].into(), ..Default::default() },
     );
     let outputs = Reader::new(&brokers, "r-nan").read(6, Duration::from_secs(60));
     daemon.stop().unwrap();

@@ -206,6 +206,72 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
     assert!(text.contains("dlsr_score_bucket{kind=\"mfsim\""), "score histogram missing");
 }
 
+/// `dlsr score`'s JSON lines as id -> score.
+fn offline_scores(spec: &std::path::Path, limit: usize) -> BTreeMap<String, f64> {
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["-q", "score", "--model"])
+        .arg(&crate::model::fitted().bundle)
+        .arg(spec)
+        .args(["--limit", &limit.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["id"].as_str().unwrap().to_string(), v["score"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// The scoring noise is seeded from the decoded pixels, so an image read from an IDX
+/// record (or a CSV row), from a PNG file and from a Kafka message scores the same. (With
+/// a seed from the container's bytes the three differ by the noise: about 1e-3.)
+#[test]
+fn an_image_scores_the_same_from_an_idx_record_a_png_file_and_a_kafka_message() {
+    let (_cluster, brokers) = cluster();
+    let keys = publish(&brokers, 8, 0, 4, false);
+    let control = Control::default();
+    let (handle, _metrics) = start(config(&brokers, "g-same"), control.clone(), None);
+    let outputs = collect(&output_reader(&brokers, "r-same"), keys.len(), Duration::from_secs(120));
+    control.shutdown.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    let from_kafka: BTreeMap<String, f64> = outputs
+        .iter()
+        .map(|o| {
+            let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
+            (o.key.clone(), v["score"].as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(from_kafka.len(), keys.len());
+
+    let idx = asset(dlsr::assets::fashion_mnist("t10k-images-idx3-ubyte.gz"));
+    let csv = asset(dlsr::assets::mnist_5k());
+    let mut from_records = offline_scores(&idx, 8);
+    from_records.extend(offline_scores(&csv, 4));
+    // The same records as PNG files, named after their keys.
+    let dir = tempfile::tempdir().unwrap();
+    let mut file_keys = BTreeMap::new();
+    for (spec, n) in [(&idx, 8), (&csv, 4)] {
+        for item in DataSet::open(spec.to_str().unwrap()).unwrap().with_limit(Some(n)).iter() {
+            let item = item.unwrap();
+            let name = format!("{}.png", item.id.replace(['#', '.'], "_"));
+            std::fs::write(dir.path().join(&name), item_bytes(&item).unwrap()).unwrap();
+            file_keys.insert(name, item.id);
+        }
+    }
+    let from_files: BTreeMap<String, f64> =
+        offline_scores(dir.path(), 100).into_iter().map(|(name, score)| (file_keys[&name].clone(), score)).collect();
+
+    for key in &keys {
+        let (k, r, f) = (from_kafka[key], from_records[key], from_files[key]);
+        // Only float reassociation inside batched kernels may differ (see model.rs).
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1e-3);
+        assert!(close(k, r) && close(r, f), "{key}: kafka {k}, record {r}, file {f}");
+    }
+}
+
 #[test]
 fn sighup_reload_changes_the_verdicts_of_later_messages() {
     let (_cluster, brokers) = cluster();
@@ -251,6 +317,9 @@ fn sighup_reload_changes_the_verdicts_of_later_messages() {
     assert!(text.contains("dlsr_threshold{kind=\"mfsim\",topic=\"images\"} 10"), "{text}");
     // The drift alarm's reference follows the reload: no ID item scores above 10.
     assert!(text.contains("dlsr_threshold_id_fpr{kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
+    // ... with its 95% interval from the held-out count: 0 of 300 is 0..1.2%.
+    assert!(text.contains("dlsr_threshold_id_fpr_bound{bound=\"lower\",kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
+    assert!(text.contains("dlsr_threshold_id_fpr_bound{bound=\"upper\",kind=\"mfsim\",topic=\"images\"} 0.012"), "{text}");
 }
 
 /// kill -9 while outputs are produced but not yet acknowledged: the broker answers every
