@@ -4,6 +4,10 @@
 #   scripts/benchmark.sh full    60k train, 10k test vs 5k MNIST (the standard table)
 #   scripts/benchmark.sh sizes   6k train, 2k test vs 2k MNIST at 32, 64 and 224 px
 #   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
+#   scripts/benchmark.sh pairs   the evidence behind the defaults: four ID/OOD pairs
+#                                (scripts/make_pairs.py), per-layer AUROC and MFsim over
+#                                layer sets; env: LRS ("1e-3 1e-4"), PRESETS ("small"),
+#                                EPOCHS (60 small, 20 paper); 6k/4k train, 2k vs 2k
 #   scripts/benchmark.sh score   `dlsr score` throughput, batch 64, with/without encoder
 #   scripts/benchmark.sh peer    dlsr against the PyTorch peer (benches/peer/peer.py, its
 #                                plain and tuned eager configurations) on the same PNG
@@ -49,19 +53,43 @@ run() { # name size train_limit eval_limit epochs [fit args...]
 import json, sys
 m = json.load(open(sys.argv[1])); s = m["sets"][0]
 f = lambda d, k: f"{d[k]:.4f}" if k in d else "-"
+p = lambda d, k: f"{d[k] * 100:.2f}%" if k in d else "-"
+every = max(s["mfsim_layer_sets"], key=lambda x: len(x["layers"]))
 print(f"| {sys.argv[2]} | {sys.argv[3]} | {m['id']['n']} / {s['n']} | "
-      + " | ".join(f(s['auroc'], k) for k in ('mse', 'mfsim', 'lr')) + " | "
-      + " | ".join(f(s['fpr95'], k) for k in ('mse', 'mfsim', 'lr'))
+      + " | ".join(f(s['auroc'], k) for k in ('mse', 'mfsim')) + f" | {every['auroc']:.4f} | {f(s['auroc'], 'lr')} | "
+      + " | ".join(p(s['fpr95'], k) for k in ('mse', 'mfsim')) + f" | {every['fpr95'] * 100:.2f}% | {p(s['fpr95'], 'lr')}"
       + f" | {sys.argv[4]} | {sys.argv[5]} |")
 PY
 }
 
-echo "| run | input px | ID / OOD n | AUROC mse | AUROC mfsim | AUROC lr | FPR95 mse | FPR95 mfsim | FPR95 lr | fit s | eval s |" > "$OUT/summary.md"
-echo "|---|---|---|---|---|---|---|---|---|---|---|" >> "$OUT/summary.md"
+echo "| run | input px | ID / OOD n | AUROC mse | AUROC mfsim | AUROC mfsim all layers | AUROC lr | FPR95 mse | FPR95 mfsim | FPR95 mfsim all layers | FPR95 lr | fit s | eval s |" > "$OUT/summary.md"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$OUT/summary.md"
 case "$MODE" in
   full)  run full 64 all all "${EPOCHS:-40}" "$@" ;;
   ci)    run ci 64 3000 1000 30 "$@" ;;
   sizes) for s in 32 64 224; do run "px$s" "$s" 6000 2000 60 "$@"; done ;;
+  pairs)
+    P="$OUT/data"; python3 scripts/make_pairs.py "$A" "$P"
+    pair() { # name train limit id ood...
+      local name="$1" train="$2" limit="$3" id="$4"; shift 4
+      local oods=(); for o in "$@"; do oods+=(--ood "$o"); done
+      [ -f "$OUT/$name/metrics.json" ] && return
+      "$BIN" -q fit --data "$train" --limit "$limit" --epochs "$epochs" --lr "$lr" --preset "$preset" \
+        --no-first-epoch --out "$OUT/$name.safetensors" > "$OUT/$name.fit.txt"
+      "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$id" "${oods[@]}" --limit 2000 \
+        --out "$OUT/$name" > "$OUT/$name.eval.txt"
+    }
+    for preset in ${PRESETS:-small}; do
+      epochs="${EPOCHS:-$([ "$preset" = paper ] && echo 20 || echo 60)}"
+      for lr in ${LRS:-1e-3 1e-4}; do
+        pair "fm-$preset-$lr" "$TRAIN" 6000 "$TEST" "mnist=$MNIST" "photos=$P/photos"
+        [ "$preset" = paper ] && continue  # the paper preset costs ~10x: one pair
+        pair "fm07-$preset-$lr" "$P/fm07-train.idx.gz" 6000 "$P/fm07-test.idx.gz" "fm89=$P/fm89.idx.gz"
+        pair "mn07-$preset-$lr" "$P/mn07-train.idx.gz" 4000 "$P/mn07-test.idx.gz" "mn89=$P/mn89.idx.gz"
+        pair "mn-$preset-$lr" "$P/mnist-train.idx.gz" 4000 "$P/mnist-test.idx.gz" "fmnist=$TEST" "photos=$P/photos"
+      done
+    done
+    python3 scripts/pairs_table.py "$OUT" > "$OUT/summary.md" ;;
   score)
     "$BIN" -q fit --data "$TRAIN" --limit 3000 --input-size 64 --epochs 5 --out "$OUT/m.safetensors" >/dev/null
     python3 - "$BIN" "$OUT/m.safetensors" "$TEST" <<'PY'

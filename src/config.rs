@@ -113,6 +113,39 @@ pub enum ConfigError {
     Secret { key: String, reason: String },
 }
 
+/// The values each configuration enum accepts, for errors in the user's words.
+const ENUM_VALUES: [(&str, &str); 6] = [
+    ("Publish", "flagged, all"),
+    ("OffsetReset", "earliest, latest"),
+    ("LogFormat", "text, json"),
+    ("Precision", "f32, f16, bf16"),
+    ("ScoreKind", "mse, mfsim, lr"),
+    ("DeviceSpec", "auto, cpu, cuda, cuda:N"),
+];
+
+/// Rewrites the config crate's errors: an unknown enum value lists the allowed ones, and
+/// an unknown key that came from a `DLSR__...` environment variable names the variable.
+fn explain_load_error(message: &str) -> String {
+    let key = message.rsplit_once(" for key `").map(|(_, k)| k.trim_end_matches('`'));
+    if let Some(rest) = message.strip_prefix("enum ") {
+        if let Some((name, value)) = rest.split_once(" does not have variant constructor ") {
+            let value = value.split(" for key ").next().unwrap_or(value);
+            if let Some((_, allowed)) = ENUM_VALUES.iter().find(|(n, _)| *n == name) {
+                return format!("{}: {value:?} is not one of: {allowed}", key.unwrap_or("a key"));
+            }
+        }
+    }
+    if let (Some(field), Some(section)) =
+        (message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()), key)
+    {
+        let variable = format!("DLSR__{}__{}", section.replace('.', "__"), field).to_ascii_uppercase();
+        if std::env::vars().any(|(name, _)| name.to_ascii_uppercase() == variable) {
+            return format!("{message} (from the environment variable {variable})");
+        }
+    }
+    message.to_string()
+}
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
@@ -410,10 +443,49 @@ impl Config {
                 .with_list_parse_key("kafka.input_topics")
                 .try_parsing(true),
         );
-        let raw = builder.build().map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = raw.try_deserialize().map_err(|e| ConfigError::Load(e.to_string()))?;
+        let raw = builder.build().map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
+        let mut cfg: Config =
+            raw.try_deserialize().map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
+        cfg.environment_thresholds_win(std::env::vars().map(|(name, _)| name));
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// A threshold set in the environment replaces the file's way of setting it: an
+    /// operator who exports `DLSR__THRESHOLDS__DEFAULT__VALUE` over a file that says
+    /// `target_fpr` means "this value now", not "both". (Both in the environment is
+    /// still refused by validation.)
+    fn environment_thresholds_win(&mut self, env_names: impl Iterator<Item = String>) {
+        let mut from_env: Vec<(Option<String>, bool)> = Vec::new(); // (topic, is value)
+        for name in env_names {
+            let upper = name.to_ascii_uppercase();
+            let Some(rest) = upper.strip_prefix("DLSR__THRESHOLDS__") else { continue };
+            let parts: Vec<&str> = rest.split("__").collect();
+            let (topic, field) = match parts.as_slice() {
+                ["DEFAULT", field] => (None, *field),
+                ["TOPICS", topic, field] => (Some(topic.to_ascii_lowercase()), *field),
+                _ => continue,
+            };
+            match field {
+                "VALUE" => from_env.push((topic, true)),
+                "TARGET_FPR" => from_env.push((topic, false)),
+                _ => {}
+            }
+        }
+        for (topic, is_value) in &from_env {
+            let both = from_env.iter().any(|(t, v)| t == topic && v != is_value);
+            let spec = match topic {
+                None => Some(&mut self.thresholds.default),
+                Some(t) => self.thresholds.topics.get_mut(t),
+            };
+            if let (Some(spec), false) = (spec, both) {
+                if *is_value {
+                    spec.target_fpr = None;
+                } else {
+                    spec.value = None;
+                }
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -592,6 +664,44 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("sasl_password"), "{err}");
         assert!(Config::load(Some(Path::new("/nonexistent.toml"))).is_err());
+    }
+
+    #[test]
+    fn enum_errors_list_the_allowed_values() {
+        let err = with("[kafka]\npublish = \"everything\"\n").unwrap_err().to_string();
+        assert!(err.contains("kafka.publish: \"everything\" is not one of: flagged, all"), "{err}");
+        let err = with("[kafka]\nauto_offset_reset = \"middle\"\n").unwrap_err().to_string();
+        assert!(err.contains("earliest, latest"), "{err}");
+        // Messages it does not recognise pass through unchanged.
+        assert_eq!(explain_load_error("something else"), "something else");
+    }
+
+    #[test]
+    fn a_threshold_from_the_environment_replaces_the_files_way_of_setting_it() {
+        let mut cfg = with("[thresholds.default]\ntarget_fpr = 0.01\n[thresholds.topics.images]\nvalue = 2.0\n")
+            .unwrap();
+        // What the config crate makes of DLSR__THRESHOLDS__DEFAULT__VALUE=0.5 and
+        // DLSR__THRESHOLDS__TOPICS__IMAGES__TARGET_FPR=0.02 on top of that file.
+        cfg.thresholds.default.value = Some(0.5);
+        cfg.thresholds.topics.get_mut("images").unwrap().target_fpr = Some(0.02);
+        assert!(cfg.validate_thresholds().is_err(), "both set, before precedence");
+        cfg.environment_thresholds_win(
+            ["DLSR__THRESHOLDS__DEFAULT__VALUE", "DLSR__THRESHOLDS__TOPICS__IMAGES__TARGET_FPR", "HOME"]
+                .into_iter()
+                .map(String::from),
+        );
+        assert_eq!((cfg.thresholds.default.value, cfg.thresholds.default.target_fpr), (Some(0.5), None));
+        let images = &cfg.thresholds.topics["images"];
+        assert_eq!((images.value, images.target_fpr), (None, Some(0.02)));
+        cfg.validate_thresholds().unwrap();
+        // Both from the environment: nothing to prefer, still refused.
+        let mut both = Config::default();
+        both.thresholds.default.value = Some(0.5);
+        both.thresholds.default.target_fpr = Some(0.02);
+        both.environment_thresholds_win(
+            ["DLSR__THRESHOLDS__DEFAULT__VALUE", "DLSR__THRESHOLDS__DEFAULT__TARGET_FPR"].into_iter().map(String::from),
+        );
+        assert!(both.validate_thresholds().is_err());
     }
 
     #[test]

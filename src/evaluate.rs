@@ -531,6 +531,19 @@ fn write_outputs(
         .map_err(plot_err)?;
         plot_names.push(format!("[{hist}]({hist}), [{roc}]({roc}), [{roc_log}]({roc_log})"));
     }
+    let summary = &bundle.meta.training.summary;
+    if plots::loss_curve(
+        &dir.join("loss.svg"),
+        &format!(
+            "Training loss: LFDN W={} N={}, lr {}",
+            bundle.meta.lfdn.width, bundle.meta.lfdn.depth, bundle.meta.training.config.lr
+        ),
+        &summary.epoch_loss,
+    )
+    .is_ok()
+    {
+        plot_names.push("training loss: [loss.svg](loss.svg)".into());
+    }
     md.push_str(&plot_names.join("; "));
     md.push('\n');
     std::fs::write(dir.join("report.md"), md).map_err(io)?;

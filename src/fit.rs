@@ -16,7 +16,7 @@ use crate::model::encoder::EncoderSpec;
 use crate::model::features::FeatureExtractor;
 use crate::model::lfdn::LfdnConfig;
 use crate::model::schedule::Schedule;
-use crate::model::score::{score_all, ScoreError, ScoreKind, ScoreSettings};
+use crate::model::score::{default_mfsim_layers, score_all, ScoreError, ScoreKind, ScoreSettings};
 use crate::model::train::{train, TrainConfig, TrainError};
 use crate::model::ModelError;
 
@@ -123,7 +123,11 @@ pub fn fit(
         )));
     }
     let schedule = Schedule::dlsr();
-    opts.scoring.check(schedule.steps, encoded.offsets.layers())?;
+    let mut scoring = opts.scoring.clone();
+    if scoring.mfsim_layers.is_none() {
+        scoring.mfsim_layers = Some(default_mfsim_layers(encoded.offsets.layers()));
+    }
+    scoring.check(schedule.steps, encoded.offsets.layers())?;
     let trained =
         train(&train_values, config, &schedule, &opts.train, opts.device, opts.encode.quiet, interrupted)?;
 
@@ -132,7 +136,7 @@ pub fn fit(
         final_model: &trained.ema.1,
         first_epoch_model: trained.first_epoch.as_ref().map(|f| &f.1),
         schedule: &schedule,
-        settings: &opts.scoring,
+        settings: &scoring,
         offsets: &encoded.offsets,
         device: opts.device,
     };
@@ -167,7 +171,7 @@ pub fn fit(
         offsets: encoded.offsets.clone(),
         lfdn: config,
         schedule,
-        scoring: opts.scoring.clone(),
+        scoring,
         default_score: opts.default_score,
         calibration,
         training: TrainingRecord {

@@ -10,8 +10,10 @@ use tch::{Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TensorFileError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // Not a `source` field: the message carries the OS error already, and a source would
+    // print it twice in a chained report ("...: No such file ...: No such file ...").
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor {name}: {reason}")]
@@ -66,7 +68,7 @@ pub fn write(
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
-    let io = |source| TensorFileError::Io { path: path.into(), source };
+    let io = |error| TensorFileError::Io { path: path.into(), error };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
@@ -88,7 +90,7 @@ pub fn write(
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, TensorFileError> {
     use std::io::Read;
     let fmt = |reason: String| TensorFileError::Format { path: path.into(), reason };
-    let io = |source| TensorFileError::Io { path: path.into(), source };
+    let io = |error| TensorFileError::Io { path: path.into(), error };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];

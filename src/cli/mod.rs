@@ -94,7 +94,7 @@ pub struct EncoderArgs {
     /// f32, or on CUDA f16 (autocast) / bf16.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
-    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    /// auto (CUDA when available), cpu, cuda (or gpu) or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
 }

@@ -81,7 +81,8 @@ pub struct ScoringArgs {
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = ScoreSettings::default().eta)]
     pub eta: f64,
-    /// Layers MFsim averages, e.g. 1,2,3,4 (default: all).
+    /// Layers MFsim averages, e.g. 0,1,2,3,4 (default: all but the two shallowest, which
+    /// describe texture rather than content, keeping at least two; see the README).
     #[arg(long, value_delimiter = ',')]
     pub mfsim_layers: Option<Vec<usize>>,
     /// The score that decides verdicts: mse, mfsim or lr.
@@ -208,7 +209,7 @@ pub struct BundleArgs {
     /// The model bundle written by `dlsr fit`.
     #[arg(long)]
     pub model: PathBuf,
-    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    /// auto (CUDA when available), cpu, cuda (or gpu) or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
     /// Encoder override (must have the bundle's weights checksum), e.g. a moved .pt file.
@@ -248,8 +249,8 @@ impl BundleArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        let bundle =
-            Bundle::load(&self.model, device).with_context(|| format!("loading {}", self.model.display()))?;
+        // Every bundle error names the file already.
+        let bundle = Bundle::load(&self.model, device)?;
         let extractor = bundle.load_encoder(self.encoder.as_deref(), self.precision)?;
         Ok((bundle, extractor))
     }

@@ -227,3 +227,45 @@ pub fn roc_curves_log_fpr(
         .map_err(|x| e(x.to_string()))?;
     root.present().map_err(|x| e(x.to_string()))
 }
+
+/// The training loss per epoch (log scale: diffusion losses fall fast, then slowly), with
+/// the first-epoch point the LR score compares against marked by the curve's start.
+pub fn loss_curve(path: &Path, title: &str, epoch_loss: &[f64]) -> Result<(), PlotError> {
+    let e = err(path);
+    let finite: Vec<f64> = epoch_loss.iter().copied().filter(|x| x.is_finite() && *x > 0.0).collect();
+    if finite.is_empty() {
+        return Err(e("no positive finite loss values".into()));
+    }
+    let (lo, hi) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lo, hi) = if hi > lo { (lo * 0.9, hi * 1.1) } else { (lo * 0.5, lo * 2.0) };
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(1f64..(epoch_loss.len().max(2) as f64), (lo..hi).log_scale())
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("mean training loss (log scale)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let points: Vec<(f64, f64)> = epoch_loss
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite() && **l > 0.0)
+        .map(|(i, &l)| (i as f64 + 1.0, l))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(points.clone(), COLORS[0].stroke_width(2)))
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 2, COLORS[0].filled())))
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}

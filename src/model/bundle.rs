@@ -67,7 +67,7 @@ pub struct BundleMeta {
 pub enum BundleError {
     #[error(transparent)]
     File(#[from] TensorFileError),
-    #[error("{path}: not a dlsr bundle ({reason})")]
+    #[error("{path}: not a dlsr bundle (the .safetensors file `dlsr fit` writes){}", reason_suffix(reason))]
     NotABundle { path: PathBuf, reason: String },
     #[error(
         "{path}: bundle format version {found} is not supported (this dlsr reads version {BUNDLE_VERSION})"
@@ -128,10 +128,23 @@ pub fn save(
     Ok(())
 }
 
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    }
+}
+
 /// Reads only the metadata (cheap; for inspection and checks).
 pub fn read_meta(path: &Path) -> Result<BundleMeta, BundleError> {
-    let metadata = tensor_file::read_metadata(path)?;
     let not = |reason: &str| BundleError::NotABundle { path: path.into(), reason: reason.into() };
+    // A file that is not safetensors at all is simply not a bundle; the format detail
+    // (a header length from the first 8 bytes of a README) would only confuse.
+    let metadata = match tensor_file::read_metadata(path) {
+        Err(TensorFileError::Format { .. }) => return Err(not("")),
+        other => other?,
+    };
     let json = metadata.get(META_KEY).ok_or_else(|| not("no dlsr_bundle metadata"))?;
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| not(&format!("metadata is not JSON: {e}")))?;

@@ -89,9 +89,11 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     assert_eq!(set["name"], "mnist");
     for kind in ["mse", "mfsim"] {
         let auroc = set["auroc"][kind].as_f64().unwrap();
-        // A broken model (untrained, wrong features, wrong scores) lands near 0.5.
-        assert!(auroc >= 0.95, "AUROC {kind} = {auroc}\n{stdout}");
-        assert!(set["fpr95"][kind].as_f64().unwrap() < 0.2);
+        // A broken model (untrained, wrong features, wrong scores) lands near 0.5. This
+        // CI-sized fit reached MSE 0.9954 and MFsim (layers 2-4, the default) 0.9979
+        // with FPR95 0.10%; the floors leave a margin for thread-count noise.
+        assert!(auroc >= 0.99, "AUROC {kind} = {auroc}\n{stdout}");
+        assert!(set["fpr95"][kind].as_f64().unwrap() < 0.02, "FPR95 {kind}\n{stdout}");
     }
     assert!(set["auroc"]["lr"].as_f64().is_some(), "LR must be reported");
     for file in ["report.md", "hist_mfsim.svg", "roc_mfsim.svg", "roc_log_mfsim.svg", "hist_mse.svg"] {
@@ -115,8 +117,11 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
         let wanted: Vec<serde_json::Value> = layers.iter().map(|&l| l.into()).collect();
         sets_of_layers.iter().find(|s| s["layers"].as_array().unwrap() == &wanted).unwrap()["auroc"].as_f64().unwrap()
     };
-    assert_eq!(over(&[0, 1, 2, 3, 4]), set["auroc"]["mfsim"].as_f64().unwrap(), "in-use set = the headline MFsim");
-    assert!(stdout.contains("Each layer alone") && stdout.contains("| 1-4 |"), "{stdout}");
+    // The default leaves out the two shallowest layers; the report's MFsim is over those.
+    assert_eq!(metrics["mfsim_layers"], serde_json::json!([2, 3, 4]));
+    assert_eq!(over(&[2, 3, 4]), set["auroc"]["mfsim"].as_f64().unwrap(), "in-use set = the headline MFsim");
+    assert!(over(&[2, 3, 4]) > over(&[0, 1, 2, 3, 4]), "the default layers must beat all five here");
+    assert!(stdout.contains("Each layer alone") && stdout.contains("| 2-4 (in use) |"), "{stdout}");
     // The threshold in use: what it flags of ID and of each OOD set.
     let threshold = &metrics["threshold"];
     assert_eq!(threshold["source"], "calibrated");
@@ -153,7 +158,7 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     assert_eq!(metrics_14["sets"][0]["auroc"]["mfsim"].as_f64().unwrap(), over(&[1, 2, 3, 4]));
     assert_eq!(metrics_14["mfsim_layers"], serde_json::json!([1, 2, 3, 4]));
     assert!(metrics_14["threshold"].is_null());
-    assert!(stdout.contains("calibrated MFsim threshold is for layers 0-4, not 1-4"), "{stdout}");
+    assert!(stdout.contains("calibrated MFsim threshold is for layers 2-4, not 1-4"), "{stdout}");
 }
 
 #[test]
@@ -348,6 +353,18 @@ fn damaged_and_foreign_bundles_are_clear_errors() {
         run(&["score", "--model", features.to_str().unwrap(), &digits, "--limit", "1"], &cache);
     assert!(!ok);
     assert!(stderr.contains("not a dlsr bundle"), "{stderr}");
+    // Not safetensors at all: said once, with the path once, and no header arithmetic.
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let (ok, _, stderr) = run(&["score", "--model", readme.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    assert!(!ok);
+    assert_eq!(stderr.matches("not a dlsr bundle").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("README.md").count(), 1, "{stderr}");
+    assert!(!stderr.contains("header length"), "{stderr}");
+    // A missing file: the OS error once.
+    let missing = dir.path().join("missing.safetensors");
+    let (ok, _, stderr) = run(&["score", "--model", missing.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    assert!(!ok);
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 
     // A bundle fitted with Lite0 must not silently score with Lite2 features.
     let (ok, _, stderr) = run(

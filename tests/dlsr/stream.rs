@@ -449,6 +449,15 @@ fn bad_configuration_fails_at_start_with_the_reason() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pipeline.batch_max_size"));
+    // An unknown key from the environment names the variable it came from.
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["serve"])
+        .env("DLSR__KAFKA__BROKER", "localhost:9092")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `broker`") && stderr.contains("DLSR__KAFKA__BROKER"), "{stderr}");
 }
 
 #[test]
