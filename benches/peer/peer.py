@@ -21,7 +21,6 @@ Both print a last line `{"peer": ..., "items": n, "seconds": s, "items_per_s": r
 stderr; `score` writes one JSON line per item to --out (or stdout).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -350,21 +349,54 @@ def list_images(paths):
     return files
 
 
+def splitmix64(state):
+    """dlsr's splitmix64 on Python ints: the mixed output of one step from `state`."""
+    z = (state + (GOLDEN & MASK64)) & MASK64
+    z = ((z ^ (z >> 30)) * (MIX1 & MASK64)) & MASK64
+    z = ((z ^ (z >> 27)) * (MIX2 & MASK64)) & MASK64
+    return z ^ (z >> 31)
+
+
+def pixel_seeds(images):
+    """dlsr's pixel_seed for (width, height, rgb bytes) triples: a multiply-xorshift over
+    the 8-byte words of the decoded pixels. Sequential within an image, so it runs
+    vectorised across the images of equal size (int64 arithmetic wraps like u64)."""
+    out = [0] * len(images)
+    by_length = {}
+    for i, (_, _, rgb) in enumerate(images):
+        by_length.setdefault(len(rgb), []).append(i)
+    for n, idx in by_length.items():
+        n8 = n // 8 * 8
+        words = torch.stack([torch.frombuffer(bytearray(images[i][2][:n8]), dtype=torch.int64) for i in idx]) \
+            if n8 else torch.zeros((len(idx), 0), dtype=torch.int64)
+        h = torch.tensor([signed(splitmix64((images[i][0] << 32) | images[i][1]) ^ n) for i in idx],
+                         dtype=torch.int64)
+        for k in range(words.shape[1]):
+            h = (h ^ words[:, k]) * GOLDEN
+            h = h ^ shr(h, 29)
+        for j, i in enumerate(idx):
+            tail = int.from_bytes(images[i][2][n8:] + bytes(8 - (n - n8)), "little")
+            out[i] = splitmix64((((int(h[j]) & MASK64) ^ tail) * (GOLDEN & MASK64)) & MASK64)
+    return out
+
+
 def load_image(path, pre):
-    with open(path, "rb") as f:
-        data = f.read()
-    seed = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+    """(width, height, rgb bytes) for the seed, and the preprocessed tensor."""
     with Image.open(path) as im:
         rgb = im.convert("RGB")
         w, h = rgb.size
-        x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(1, h, w, 3)
+        data = rgb.tobytes()
+    x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(1, h, w, 3)
     x = x.permute(0, 3, 1, 2).float()
     size = pre["size"]
     if (h, w) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        # dlsr anti-aliases when shrinking (bundles that say so), never when enlarging.
+        shrinks = h > size or w > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=bool(pre.get("antialias", False)) and shrinks)
     mean = torch.tensor(pre["normalisation"]["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(pre["normalisation"]["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    return seed, ((x - mean) / std)[0]
+    return (w, h, data), ((x - mean) / std)[0]
 
 
 def report(name, items, seconds):
@@ -385,7 +417,8 @@ def cmd_score(a):
     with torch.inference_mode():
         for start in range(0, len(files), a.batch_size):
             chunk = files[start : start + a.batch_size]
-            seeds, images = zip(*(load_image(p, pre) for p in chunk))
+            pixels, images = zip(*(load_image(p, pre) for p in chunk))
+            seeds = pixel_seeds(pixels)
             feats = features(encoder, torch.stack(images).to(a.device), a.tuned)
             for path, s in zip(chunk, scorer.score(feats, list(seeds))):
                 out.write(json.dumps({"id": os.path.basename(path), "scores": s}) + "\n")
