@@ -200,6 +200,7 @@ pub fn cache_key(
         "preprocess": extractor.preprocess,
         "limits": opts.limits,
         "data": fingerprint,
+        "id_prefix": set.id_prefix(),
         "len": set.len(),
     });
     Ok(hex::encode(sha2::Sha256::digest(key.to_string().as_bytes())))

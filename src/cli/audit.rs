@@ -268,13 +268,13 @@ fn audit_files(
     let device = args.bundle.device.resolve()?;
     let (workers, threads_each) = crate::device::scoring_workers(args.judging.workers, device);
     let mut trim = Trim::new();
-    for spec in specs {
+    for (spec, prefix) in specs.iter().zip(crate::data::source::id_prefixes(specs)) {
         let remaining = args.data_opts.limit.map(|l| l.saturating_sub(set.items()));
         if remaining == Some(0) {
             break;
         }
         let data = match DataSet::open(spec) {
-            Ok(d) => d.with_limit(remaining),
+            Ok(d) => d.with_limit(remaining).with_id_prefix(prefix),
             Err(e) => {
                 set.skip(Skipped {
                     id: spec.clone(),

@@ -340,9 +340,10 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     let (mut scored, mut failed, mut flagged) = (0usize, 0usize, 0usize);
     let mut failed_by_code = std::collections::BTreeMap::<&str, usize>::new();
     let started = std::time::Instant::now();
-    for spec in &args.specs {
+    let prefixes = crate::data::source::id_prefixes(&args.specs);
+    for (spec, prefix) in args.specs.iter().zip(prefixes) {
         let set = match DataSet::open(spec) {
-            Ok(s) => s.with_limit(args.data_opts.limit),
+            Ok(s) => s.with_limit(args.data_opts.limit).with_id_prefix(prefix),
             Err(e) => {
                 failed += 1;
                 *failed_by_code.entry("unreadable").or_default() += 1;

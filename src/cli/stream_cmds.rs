@@ -93,8 +93,8 @@ pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
     }
     let mut publisher = Publisher::new(&args.brokers, &args.properties)?;
     let mut unreadable = 0;
-    for spec in &args.specs {
-        let set = DataSet::open(spec)?.with_limit(args.limit);
+    for (spec, prefix) in args.specs.iter().zip(crate::data::source::id_prefixes(&args.specs)) {
+        let set = DataSet::open(spec)?.with_limit(args.limit).with_id_prefix(prefix);
         unreadable += publish_set(&mut publisher, &set, &args.topic, args.rate)?;
     }
     let report = publisher.finish(started, unreadable)?;

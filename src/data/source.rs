@@ -99,6 +99,9 @@ pub struct DataSet {
     spec: String,
     kind: Kind,
     limit: Option<usize>,
+    /// Put before every item id (with a `/`), so that ids stay unique when several SPECs
+    /// are read in one run (see [`id_prefixes`]).
+    id_prefix: Option<String>,
     /// Files a folder scan passed over because their extension is not an image's.
     pub ignored_files: usize,
 }
@@ -173,13 +176,30 @@ impl DataSet {
                 Kind::Files { base, files: vec![path] }
             }
         };
-        Ok(Self { spec: spec.to_string(), kind, limit: None, ignored_files })
+        Ok(Self { spec: spec.to_string(), kind, limit: None, id_prefix: None, ignored_files })
     }
 
     /// Keeps only the first `n` items.
     pub fn with_limit(mut self, n: Option<usize>) -> Self {
         self.limit = n;
         self
+    }
+
+    /// Prefixes every item id with `prefix/` (None or empty: ids as they are).
+    pub fn with_id_prefix(mut self, prefix: Option<String>) -> Self {
+        self.id_prefix = prefix.filter(|p| !p.is_empty());
+        self
+    }
+
+    pub fn id_prefix(&self) -> Option<&str> {
+        self.id_prefix.as_deref()
+    }
+
+    fn item_id(&self, id: String) -> String {
+        match &self.id_prefix {
+            Some(prefix) => format!("{prefix}/{id}"),
+            None => id,
+        }
     }
 
     pub fn spec(&self) -> &str {
@@ -228,20 +248,21 @@ impl DataSet {
         match &self.kind {
             Kind::Files { base, files } => {
                 let path = &files[index];
-                let id = path
-                    .strip_prefix(base)
-                    .ok()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(path)
-                    .to_string_lossy()
-                    .into_owned();
+                let id = self.item_id(
+                    path.strip_prefix(base)
+                        .ok()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(path)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
                 let bytes = fs::read(path).map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
                 Ok(RawItem { id, content: ItemContent::Encoded(bytes) })
             }
             Kind::Records { name, width, height, pixels, .. } => {
                 let size = (*width * *height) as usize;
                 Ok(RawItem {
-                    id: format!("{name}#{index}"),
+                    id: self.item_id(format!("{name}#{index}")),
                     content: ItemContent::Grey {
                         width: *width,
                         height: *height,
@@ -255,6 +276,27 @@ impl DataSet {
     pub fn iter(&self) -> impl Iterator<Item = Result<RawItem, ItemError>> + '_ {
         (0..self.len()).map(move |i| self.get(i))
     }
+}
+
+/// Id prefixes that keep item ids unique when several SPECs are read in one run (score,
+/// publish, audit): with several SPECs an item's id is its path as given, i.e. a folder
+/// SPEC (as typed, without a trailing `/`) before the path inside it, or a file SPEC's
+/// folder before its name. `fmnist/ mnist/` gives `fmnist/00000.png` and
+/// `mnist/00000.png`; `data/a.idx.gz` gives `data/a.idx.gz#0`. With one SPEC ids stay
+/// relative to it, as before.
+pub fn id_prefixes(specs: &[String]) -> Vec<Option<String>> {
+    if specs.len() < 2 {
+        return vec![None; specs.len()];
+    }
+    specs
+        .iter()
+        .map(|spec| {
+            let trimmed = spec.trim_end_matches('/');
+            let path = Path::new(if trimmed.is_empty() { spec.as_str() } else { trimmed });
+            let folder = if path.is_dir() { Some(path) } else { path.parent() };
+            folder.map(|f| f.to_string_lossy().into_owned()).filter(|f| !f.is_empty())
+        })
+        .collect()
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>, ignored: &mut usize) -> Result<(), DataError> {
@@ -433,6 +475,30 @@ mod tests {
         fs::write(&path, "1,2,3\n1,2,3\n").unwrap();
         let err = DataSet::open(path.to_str().unwrap()).unwrap_err();
         assert!(matches!(err, DataError::BadCsv { line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn several_specs_get_prefixes_that_keep_ids_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["fmnist", "mnist"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            std::fs::write(dir.path().join(sub).join("00000.png"), b"x").unwrap();
+        }
+        let spec = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        let specs = [spec("fmnist"), spec("mnist/")];
+        let ids: Vec<String> = specs
+            .iter()
+            .zip(id_prefixes(&specs))
+            .map(|(s, p)| DataSet::open(s).unwrap().with_id_prefix(p).get(0).unwrap().id)
+            .collect();
+        assert_eq!(ids, [spec("fmnist/00000.png"), spec("mnist/00000.png")]);
+        // A file SPEC's id is the path as given.
+        let specs = [spec("fmnist/00000.png"), spec("mnist")];
+        let prefix = id_prefixes(&specs)[0].clone();
+        assert_eq!(DataSet::open(&specs[0]).unwrap().with_id_prefix(prefix).get(0).unwrap().id, specs[0]);
+        // Relative SPECs stay relative; one SPEC: no prefix.
+        assert_eq!(id_prefixes(&["a.idx.gz".into(), "b/c.csv".into()]), [None, Some("b".to_string())]);
+        assert_eq!(id_prefixes(&[spec("fmnist")]), [None]);
     }
 
     #[test]

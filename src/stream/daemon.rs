@@ -196,6 +196,7 @@ pub fn run_with_scorer(
             })?;
     metrics.broker_up.set(1);
 
+    let thresholds_text = describe_thresholds(&cfg, &thresholds, &model.calibration);
     let thresholds = Arc::new(RwLock::new(thresholds));
     let retries = RetryScheduler {
         output: output.clone(),
@@ -219,8 +220,14 @@ pub fn run_with_scorer(
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
         brokers = %cfg.kafka.brokers,
+        group = %cfg.kafka.group_id,
         model = %model.model_ref.name,
         sha256 = %model.model_ref.sha256,
+        encoder = %model.encoder,
+        input_px = model.preprocess.size,
+        device = ?cfg.model.device,
+        precision = %cfg.model.precision,
+        thresholds = %thresholds_text,
         "dlsr serving"
     );
 
@@ -486,6 +493,49 @@ fn update_threshold_gauges(
     }
 }
 
+/// The thresholds in force per input topic, for people: `images: mfsim > -0.9926
+/// (ID rate 5.00%)`.
+fn describe_thresholds(cfg: &Config, t: &Thresholds, calibration: &crate::eval::calibration::Calibration) -> String {
+    cfg.kafka
+        .input_topics
+        .iter()
+        .map(|topic| {
+            let thr = t.for_topic(topic);
+            let rate = calibration
+                .scores
+                .get(&thr.kind)
+                .map_or(String::new(), |c| format!(" (ID rate {:.2}%)", c.id_exceedance(thr.value) * 100.0));
+            format!("{topic}: {} > {}{rate}", thr.kind, thr.value)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The sections (`kafka.publish`, `model`, ...) in which `new` differs from the running
+/// configuration, apart from the thresholds that SIGHUP applies.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (serde_json::to_value(running), serde_json::to_value(new));
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+        return Vec::new();
+    };
+    let mut changed = Vec::new();
+    for (section, old) in a.iter().filter(|(k, _)| k.as_str() != "thresholds") {
+        let new = b.get(section);
+        match (old, new) {
+            (serde_json::Value::Object(o), Some(serde_json::Value::Object(n))) => {
+                for (key, value) in o {
+                    if n.get(key) != Some(value) {
+                        changed.push(format!("{section}.{key}"));
+                    }
+                }
+            }
+            (o, n) if Some(o) != n => changed.push(section.clone()),
+            _ => {}
+        }
+    }
+    changed
+}
+
 fn reload_thresholds(
     path: Option<&std::path::Path>,
     model: &ModelInfo,
@@ -501,19 +551,70 @@ fn reload_thresholds(
     // The whole file must be valid; only its thresholds take effect without a restart.
     let result = Config::load(Some(path)).and_then(|new| {
         Thresholds::resolve(&new.thresholds, &model.calibration, model.default_score, model.has_lr)
+            .map(|t| (t, new))
     });
     match result {
-        Ok(t) => {
+        Ok((t, new)) => {
             update_threshold_gauges(metrics, running, &t, &model.calibration);
-            if let Ok(mut w) = thresholds.write() {
-                *w = t;
-            }
+            let old = match thresholds.write() {
+                Ok(mut w) => std::mem::replace(&mut *w, t.clone()),
+                Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), t.clone()),
+            };
             metrics.record_reload(true);
-            tracing::info!("SIGHUP: thresholds reloaded");
+            tracing::info!(
+                old = %describe_thresholds(running, &old, &model.calibration),
+                new = %describe_thresholds(running, &t, &model.calibration),
+                "SIGHUP: thresholds reloaded"
+            );
+            let ignored = restart_only_changes(running, &new);
+            if !ignored.is_empty() {
+                tracing::warn!(
+                    sections = %ignored.join(", "),
+                    "SIGHUP: the reloaded file also changes settings that only a restart applies; they are \
+                     not in force"
+                );
+            }
         }
         Err(e) => {
             metrics.record_reload(false);
             tracing::error!("SIGHUP: new configuration rejected, keeping the old one: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Publish;
+
+    #[test]
+    fn a_reload_names_the_settings_only_a_restart_applies() {
+        let running = Config::default();
+        let mut new = running.clone();
+        new.thresholds.default.value = Some(1.0);
+        assert!(restart_only_changes(&running, &new).is_empty(), "thresholds apply on SIGHUP");
+        new.kafka.publish = if running.kafka.publish == Publish::All { Publish::Flagged } else { Publish::All };
+        new.pipeline.batch_max_size += 1;
+        assert_eq!(restart_only_changes(&running, &new), ["kafka.publish", "pipeline.batch_max_size"]);
+    }
+
+    #[test]
+    fn thresholds_are_described_per_topic_with_their_id_rate() {
+        use crate::eval::calibration::{calibrate_scores, Calibration};
+        use crate::model::score::ScoreKind;
+        let scores: Vec<f64> = (1..=100).map(f64::from).collect();
+        let calibration = Calibration {
+            target_fpr: 0.05,
+            items: 100,
+            source: "test".into(),
+            precision: Default::default(),
+            scores: [(ScoreKind::Mfsim, calibrate_scores(&scores, 0.05).unwrap())].into(),
+        };
+        let t = Thresholds {
+            default: crate::stream::thresholds::Threshold { kind: ScoreKind::Mfsim, value: 95.0 },
+            topics: Default::default(),
+        };
+        let text = describe_thresholds(&Config::default(), &t, &calibration);
+        assert!(text.starts_with("images: mfsim > 95 (ID rate 5."), "{text}");
     }
 }

@@ -179,10 +179,13 @@ fn score_prints_json_lines_and_error_lines() {
     let flagged = lines.iter().filter(|l| l["is_ood"] == true).count();
     assert!(stderr.contains("score: 3 items scored, 1 failed"), "{stderr}");
     assert!(stderr.contains(&format!("; {flagged} flagged; 1 skipped (empty 1)")), "{stderr}");
-    let broken = lines.iter().find(|l| l["id"] == "broken.png").expect("an error line for broken.png");
+    // Several SPECs: every id is the item's path as given, so ids stay unique.
+    let given = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let broken = lines.iter().find(|l| l["id"] == given("broken.png").as_str()).expect("an error line for broken.png");
     assert_eq!(broken["code"], "empty");
     assert!(broken["error"].as_str().unwrap().contains("empty"));
-    let digit = lines.iter().find(|l| l["id"] == "mnist_5k.csv.gz#0").expect("a verdict for the first digit");
+    let first_digit = format!("{}#0", mnist());
+    let digit = lines.iter().find(|l| l["id"] == first_digit.as_str()).expect("a verdict for the first digit");
     for key in ["score", "threshold", "id_percentile"] {
         assert!(digit[key].is_number(), "{key} in {digit}");
     }
@@ -192,7 +195,7 @@ fn score_prints_json_lines_and_error_lines() {
     assert_eq!(digit["layers"].as_array().unwrap().len(), 5);
     assert!(digit["layers"][0]["cos"].is_number());
     // A real photo is far from Fashion-MNIST: flagged, at the top of the ID percentiles.
-    let photo = lines.iter().find(|l| l["id"] == "photo.jpg").unwrap();
+    let photo = lines.iter().find(|l| l["id"] == given("photo.jpg").as_str()).unwrap();
     assert_eq!(photo["is_ood"], true, "{photo}");
     assert!(photo["id_percentile"].as_f64().unwrap() > 99.0);
 }
@@ -233,7 +236,10 @@ fn score_workers_keep_the_order_and_the_scores() {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
         .collect();
-    let expected: Vec<String> = (0..60).map(|i| format!("mnist_5k.csv.gz#{i}")).chain(["broken.png".into()]).collect();
+    let expected: Vec<String> = (0..60)
+        .map(|i| format!("{}#{i}", mnist()))
+        .chain([dir.path().join("broken.png").to_string_lossy().into_owned()])
+        .collect();
     assert_eq!(ids, expected);
     // Same lines in the same order; numbers equal up to float summation order (one
     // libtorch thread per worker sums in another order than two).
