@@ -29,6 +29,23 @@ fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |reason| PlotError { path: path.display().to_string(), reason }
 }
 
+/// Draws the series' legend at `position` and writes the file.
+fn legend_and_present<'a, X: Ranged, Y: Ranged>(
+    mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+    e: &dyn Fn(String) -> PlotError,
+) -> Result<(), PlotError> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
 /// Density histograms of ID and OOD scores, 60 bins. The whole range is shown unless a
 /// few extreme values would squash the picture (full range over 3x the 0.5%..99.5%
 /// range); then the plot spans 0.5%..99.5% and each series' legend says how many of its
@@ -115,14 +132,7 @@ pub fn score_histogram(
             .label("threshold")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+    legend_and_present(chart, &root, SeriesLabelPosition::UpperRight, &e)
 }
 
 /// ROC curves of several (label, id scores, ood scores) triples.
@@ -155,14 +165,7 @@ pub fn roc_curves(path: &Path, title: &str, curves: &[(String, &[f64], &[f64])])
             .label(format!("{label} (AUROC {auc:.4})"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+    legend_and_present(chart, &root, SeriesLabelPosition::LowerRight, &e)
 }
 
 /// ROC curves with a logarithmic false-positive axis, from half of one ID item's share to
@@ -218,14 +221,7 @@ pub fn roc_curves_log_fpr(
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+    legend_and_present(chart, &root, SeriesLabelPosition::LowerRight, &e)
 }
 
 /// The training loss per epoch (log scale: diffusion losses fall fast, then slowly), with

@@ -495,7 +495,11 @@ fn update_threshold_gauges(
 
 /// The thresholds in force per input topic, for people: `images: mfsim > -0.9926
 /// (ID rate 5.00%)`.
-fn describe_thresholds(cfg: &Config, t: &Thresholds, calibration: &crate::eval::calibration::Calibration) -> String {
+fn describe_thresholds(
+    cfg: &Config,
+    t: &Thresholds,
+    calibration: &crate::eval::calibration::Calibration,
+) -> String {
     cfg.kafka
         .input_topics
         .iter()
@@ -593,7 +597,8 @@ mod tests {
         let mut new = running.clone();
         new.thresholds.default.value = Some(1.0);
         assert!(restart_only_changes(&running, &new).is_empty(), "thresholds apply on SIGHUP");
-        new.kafka.publish = if running.kafka.publish == Publish::All { Publish::Flagged } else { Publish::All };
+        new.kafka.publish =
+            if running.kafka.publish == Publish::All { Publish::Flagged } else { Publish::All };
         new.pipeline.batch_max_size += 1;
         assert_eq!(restart_only_changes(&running, &new), ["kafka.publish", "pipeline.batch_max_size"]);
     }

@@ -63,27 +63,19 @@ pub fn fitted() -> &'static Fitted {
 fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     let f = fitted();
     assert!(f.fit_stdout.contains("items: 2700 train, 300 held out"), "{}", f.fit_stdout);
+    // 1000 Fashion-MNIST test images against 1000 digits, into DIR: (metrics.json, stdout).
+    let eval = |dir: &str, extra: &[&str]| -> (serde_json::Value, String) {
+        let out = f.dir.path().join(dir);
+        let (id, ood) = (fmnist("t10k-images-idx3-ubyte.gz"), format!("mnist={}", mnist()));
+        let mut args = vec!["-q", "eval", "--model", f.bundle.to_str().unwrap(), "--id", &id, "--ood", &ood];
+        args.extend_from_slice(&["--limit", "1000", "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = run(&args, &f.dir.path().join("cache"));
+        assert!(ok, "eval {extra:?} failed: {stderr}");
+        (serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap(), stdout)
+    };
+    let (metrics, stdout) = eval("eval", &[]);
     let out = f.dir.path().join("eval");
-    let (ok, stdout, stderr) = run(
-        &[
-            "-q",
-            "eval",
-            "--model",
-            f.bundle.to_str().unwrap(),
-            "--id",
-            &fmnist("t10k-images-idx3-ubyte.gz"),
-            "--ood",
-            &format!("mnist={}", mnist()),
-            "--limit",
-            "1000",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &f.dir.path().join("cache"),
-    );
-    assert!(ok, "eval failed: {stderr}");
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["id"]["n"], 1000);
     let set = &metrics["sets"][0];
     assert_eq!(set["name"], "mnist");
@@ -132,29 +124,7 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
 
     // MFsim over other layers at eval time: only the averaging changes, so its AUROC is
     // the one measured for that set above; the calibrated threshold no longer applies.
-    let out_14 = f.dir.path().join("eval-1-4");
-    let (ok, stdout, stderr) = run(
-        &[
-            "-q",
-            "eval",
-            "--model",
-            f.bundle.to_str().unwrap(),
-            "--id",
-            &fmnist("t10k-images-idx3-ubyte.gz"),
-            "--ood",
-            &format!("mnist={}", mnist()),
-            "--limit",
-            "1000",
-            "--mfsim-layers",
-            "1,2,3,4",
-            "--out",
-            out_14.to_str().unwrap(),
-        ],
-        &f.dir.path().join("cache"),
-    );
-    assert!(ok, "eval --mfsim-layers failed: {stderr}");
-    let metrics_14: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_14.join("metrics.json")).unwrap()).unwrap();
+    let (metrics_14, stdout) = eval("eval-1-4", &["--mfsim-layers", "1,2,3,4"]);
     assert_eq!(metrics_14["sets"][0]["auroc"]["mfsim"].as_f64().unwrap(), over(&[1, 2, 3, 4]));
     assert_eq!(metrics_14["mfsim_layers"], serde_json::json!([1, 2, 3, 4]));
     assert!(metrics_14["threshold"].is_null());
