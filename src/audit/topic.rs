@@ -6,12 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::stream::client_log::GatedContext;
+pub use crate::stream::topics::TopicError;
+use crate::stream::topics;
 use crate::stream::message::Source;
 
 /// Where each partition's reading starts.
@@ -46,20 +49,6 @@ pub struct PartitionRange {
     pub read: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TopicError {
-    #[error("Kafka client: {0}")]
-    Client(#[source] KafkaError),
-    #[error("cannot reach the brokers {brokers} within {secs} s: {reason}")]
-    Unreachable { brokers: String, secs: u64, reason: String },
-    #[error("topic {0:?} does not exist on the brokers")]
-    NoTopic(String),
-    #[error("topic {topic:?}: {reason}")]
-    Metadata { topic: String, reason: String },
-    #[error("no message for {secs} s while partitions {pending:?} still had offsets to read")]
-    Stalled { secs: u64, pending: Vec<i32> },
-}
-
 /// One message of the range.
 pub struct TopicMessage {
     pub key: Option<Vec<u8>>,
@@ -67,22 +56,8 @@ pub struct TopicMessage {
     pub source: Source,
 }
 
-/// Client callbacks: librdkafka also reports a partition's end as a global error, which
-/// is how the reader knows it is done, not a fault worth logging.
-pub struct ReaderContext;
-
-impl ClientContext for ReaderContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
-            tracing::warn!("Kafka client: {error}: {reason}");
-        }
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
-
 pub struct TopicReader {
-    consumer: BaseConsumer<ReaderContext>,
+    consumer: BaseConsumer<GatedContext>,
     pub topic: String,
     pub ranges: Vec<PartitionRange>,
     timeout: Duration,
@@ -93,43 +68,11 @@ pub struct TopicReader {
 impl TopicReader {
     /// Connects, finds the partitions and their offset ranges, and assigns them.
     pub fn open(range: &TopicRange) -> Result<Self, TopicError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &range.brokers)
-            // librdkafka needs a group id for a consumer, but an assignment never joins
-            // the group and nothing is committed.
-            .set("group.id", "dlsr-audit")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("queued.max.messages.kbytes", "16384")
-            .set("log_level", "3");
-        for (k, v) in &range.properties {
-            config.set(k, v);
-        }
-        let consumer: BaseConsumer<ReaderContext> =
-            config.create_with_context(ReaderContext).map_err(TopicError::Client)?;
+        let consumer: BaseConsumer<GatedContext> = topics::reader_config(&range.brokers, &range.properties)
+            .create_with_context(GatedContext("reader"))
+            .map_err(TopicError::Client)?;
         let secs = range.timeout.as_secs();
-        let metadata = consumer.fetch_metadata(Some(&range.topic), range.timeout).map_err(|e| {
-            TopicError::Unreachable { brokers: range.brokers.clone(), secs, reason: e.to_string() }
-        })?;
-        let topic = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == range.topic)
-            .ok_or_else(|| TopicError::NoTopic(range.topic.clone()))?;
-        if let Some(e) = topic.error() {
-            let code = rdkafka::types::RDKafkaErrorCode::from(e);
-            if code == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition {
-                return Err(TopicError::NoTopic(range.topic.clone()));
-            }
-            return Err(TopicError::Metadata { topic: range.topic.clone(), reason: code.to_string() });
-        }
-        let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
-        partitions.sort_unstable();
-        if partitions.is_empty() {
-            return Err(TopicError::NoTopic(range.topic.clone()));
-        }
+        let partitions = topics::partitions(consumer.client(), &range.brokers, &range.topic, range.timeout)?;
         let unreachable = |e: KafkaError| TopicError::Unreachable {
             brokers: range.brokers.clone(),
             secs,
@@ -141,19 +84,8 @@ impl TopicReader {
                 consumer.fetch_watermarks(&range.topic, p, range.timeout).map_err(unreachable)?;
             ranges.push(PartitionRange { partition: p, start: low, end: high, read: 0 });
         }
-        let at_time = |ms: i64| -> Result<Vec<Option<i64>>, TopicError> {
-            let mut tpl = TopicPartitionList::new();
-            for &p in &partitions {
-                tpl.add_partition_offset(&range.topic, p, Offset::Offset(ms)).map_err(TopicError::Client)?;
-            }
-            let found = consumer.offsets_for_times(tpl, range.timeout).map_err(unreachable)?;
-            Ok(partitions
-                .iter()
-                .map(|&p| match found.find_partition(&range.topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None, // no message at or after that time
-                })
-                .collect())
+        let at_time = |ms: i64| {
+            topics::offsets_at_time(&consumer, &range.brokers, &range.topic, &partitions, ms, range.timeout)
         };
         match range.start {
             Start::Beginning => {}

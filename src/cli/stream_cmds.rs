@@ -78,6 +78,9 @@ pub struct PublishArgs {
     /// Extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(short = 'X', value_parser = parse_kv)]
     pub properties: Vec<(String, String)>,
+    /// Seconds to wait for the brokers to answer before giving up (exit 1), at the start.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
 }
 
 pub(super) fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -88,10 +91,14 @@ pub(super) fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let mut publisher = Publisher::new(&args.brokers, &args.properties)?;
     if let Some(p) = args.partitions {
+        // Reachable first, so a wrong address gets that message, not a topic error.
+        publisher.check_reachable(&args.brokers, timeout)?;
         crate::stream::publish::ensure_topic(&args.brokers, &args.topic, p)?;
     }
-    let mut publisher = Publisher::new(&args.brokers, &args.properties)?;
+    publisher.check(&args.brokers, &args.topic, timeout)?;
     let mut unreadable = 0;
     for (spec, prefix) in args.specs.iter().zip(crate::data::source::id_prefixes(&args.specs)) {
         let set = DataSet::open(spec)?.with_limit(args.limit).with_id_prefix(prefix);

@@ -131,7 +131,11 @@ impl ClientContext for ConsumerCtx {
             self.broker_up.store(false, Ordering::Relaxed);
             self.metrics.broker_up.set(0);
         }
-        tracing::warn!("kafka client error: {error} ({reason})");
+        super::client_log::error("consumer", &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::client_log::log("consumer", level, facility, message);
     }
 }
 

@@ -51,7 +51,7 @@ pub enum DaemonError {
     Model(String),
     #[error("kafka: {0}")]
     Kafka(String),
-    #[error("brokers {brokers} unreachable at start: {reason}")]
+    #[error("brokers {brokers} (kafka.brokers) unreachable at start: {reason}")]
     Unreachable { brokers: String, reason: String },
     #[error("metrics listener {addr}: {reason}")]
     Listen { addr: String, reason: String },

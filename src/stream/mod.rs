@@ -6,9 +6,11 @@
 //!
 //! Around them: offset bookkeeping ([`offsets`]), byte-exact headers ([`headers`]),
 //! supervised threads ([`supervise`]), thresholds ([`thresholds`]), output record formats
-//! ([`message`]), librdkafka settings ([`kafka`]) and the publisher used for demos, load
-//! tests and backfills ([`publish`]).
+//! ([`message`]), librdkafka settings ([`kafka`]), librdkafka's
+//! logs said once per problem ([`client_log`]), the publisher used for demos, load tests
+//! and backfills ([`publish`]) and what the brokers say about a topic ([`topics`]).
 
+pub mod client_log;
 pub mod consumer;
 pub mod daemon;
 pub mod headers;
@@ -20,3 +22,4 @@ pub mod publish;
 pub mod scorer;
 pub mod supervise;
 pub mod thresholds;
+pub mod topics;

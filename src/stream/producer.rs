@@ -223,8 +223,12 @@ impl ClientContext for ProducerCtx {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
             self.faults.record(format!("the producer hit a fatal error and cannot go on: {reason}"));
         } else {
-            tracing::warn!("kafka producer error: {error} ({reason})");
+            super::client_log::error("producer", &error, reason);
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::client_log::log("producer", level, facility, message);
     }
 }
 

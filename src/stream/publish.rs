@@ -16,6 +16,15 @@ use crate::data::{DataSet, ItemContent, RawItem};
 pub enum PublishError {
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("{0} (check --brokers and that the broker runs; --timeout sets how long to wait)")]
+    Unreachable(super::topics::TopicError),
+    #[error(
+        "topic {0:?} does not exist on the brokers, and they did not create it on first use: \
+         create it, or pass --partitions N and publish creates it"
+    )]
+    NoTopic(String),
+    #[error("{0}")]
+    Topic(super::topics::TopicError),
     #[error("{id}: cannot encode as PNG: {reason}")]
     Encode { id: String, reason: String },
 }
@@ -26,7 +35,15 @@ pub struct DeliveryCounts {
     pub failed: AtomicU64,
 }
 
-impl ClientContext for &'static DeliveryCounts {}
+impl ClientContext for &'static DeliveryCounts {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::client_log::error("publisher", &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::client_log::log("publisher", level, facility, message);
+    }
+}
 impl ProducerContext for &'static DeliveryCounts {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
@@ -83,6 +100,40 @@ impl Publisher {
         }
         let producer = cfg.create_with_context(counts).map_err(|e| PublishError::Kafka(e.to_string()))?;
         Ok(Self { producer, counts, sent: 0 })
+    }
+
+    /// Fails within `timeout` unless the brokers answer and `topic` exists (or is being
+    /// created by a broker that creates topics on first use). Without this check a wrong
+    /// address would leave librdkafka retrying each message for minutes.
+    pub fn check(&self, brokers: &str, topic: &str, timeout: Duration) -> Result<(), PublishError> {
+        use super::topics::{partitions, TopicError};
+        let found = partitions(self.producer.client(), brokers, topic, timeout);
+        // librdkafka's own account of the failure (e.g. "Connection refused") waits in
+        // the event queue: serve it, so the gated log says it once before the error.
+        self.producer.poll(Duration::ZERO);
+        match found {
+            Ok(_) => Ok(()),
+            // A broker that creates topics on first use answers this while it does.
+            Err(TopicError::Metadata { code: rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable, .. }) => {
+                Ok(())
+            }
+            Err(TopicError::NoTopic(t)) => Err(PublishError::NoTopic(t)),
+            Err(e @ TopicError::Unreachable { .. }) => Err(PublishError::Unreachable(e)),
+            Err(e) => Err(PublishError::Topic(e)),
+        }
+    }
+
+    /// Fails within `timeout` unless the brokers answer.
+    pub fn check_reachable(&self, brokers: &str, timeout: Duration) -> Result<(), PublishError> {
+        let answer = self.producer.client().fetch_metadata(None, timeout);
+        self.producer.poll(Duration::ZERO);
+        answer.map(drop).map_err(|e| {
+            PublishError::Unreachable(super::topics::TopicError::Unreachable {
+                brokers: brokers.to_string(),
+                secs: timeout.as_secs(),
+                reason: e.to_string(),
+            })
+        })
     }
 
     /// Queues one message (waits while the local queue is full).
@@ -154,10 +205,9 @@ pub fn publish_set(
 /// mock cluster does not support it, use `MockCluster::create_topic` there).
 pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), PublishError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    let admin: AdminClient<super::client_log::GatedContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .create()
+        .create_with_context(super::client_log::GatedContext("admin"))
         .map_err(|e| PublishError::Kafka(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -440,6 +440,11 @@ fn bad_configuration_fails_at_start_with_the_reason() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "case {i} must fail");
         assert!(stderr.contains(needle), "case {i}: {stderr}");
+        if *needle == "unreachable" {
+            // librdkafka retries several times a second; each problem is said once.
+            assert!(stderr.lines().count() <= 8, "{} lines:\n{stderr}", stderr.lines().count());
+            assert!(stderr.matches("Connection refused").count() <= 1, "{stderr}");
+        }
     }
     // An environment override is validated like the file.
     let out = std::process::Command::new(crate::common::dlsr_bin())
@@ -458,6 +463,28 @@ fn bad_configuration_fails_at_start_with_the_reason() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `broker`") && stderr.contains("DLSR__KAFKA__BROKER"), "{stderr}");
+}
+
+#[test]
+fn publish_to_a_wrong_address_fails_within_its_timeout_and_says_so_once() {
+    let port = crate::common::free_port(); // nothing listens there
+    let data = asset(dlsr::assets::mnist_5k());
+    let started = Instant::now();
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["publish", "--brokers", &format!("127.0.0.1:{port}"), "--topic", "images"])
+        .args([data.to_str().unwrap(), "--limit", "5", "--timeout", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // It must give up at the end of its timeout, not retry each message for minutes
+    // (a generous bound: the machine may be busy).
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(stderr.contains(&format!("cannot reach the brokers 127.0.0.1:{port} within 2 s")), "{stderr}");
+    assert!(stderr.contains("check --brokers"), "{stderr}");
+    assert!(stderr.lines().count() <= 4, "{} lines:\n{stderr}", stderr.lines().count());
+    assert!(stderr.matches("Connection refused").count() <= 1, "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing was published");
 }
 
 #[test]

@@ -1,0 +1,105 @@
+//! What the brokers say about a topic, for the clients that read by explicit assignment
+//! (`audit`, `tail`) and for `publish`'s check before it sends: reachable or not within a
+//! timeout, the topic's partitions, the offsets at a time. Every failure is a sentence a
+//! user can act on.
+
+use std::time::Duration;
+
+use rdkafka::client::Client;
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("Kafka client: {0}")]
+    Client(#[source] KafkaError),
+    #[error("cannot reach the brokers {brokers} within {secs} s: {reason}")]
+    Unreachable { brokers: String, secs: u64, reason: String },
+    #[error("topic {0:?} does not exist on the brokers")]
+    NoTopic(String),
+    #[error("topic {topic:?}: {code}")]
+    Metadata { topic: String, code: RDKafkaErrorCode },
+    #[error("no message for {secs} s while partitions {pending:?} still had offsets to read")]
+    Stalled { secs: u64, pending: Vec<i32> },
+}
+
+/// A consumer that only ever reads by assignment: librdkafka needs a group id for a
+/// consumer, but an assignment never joins the group and nothing is committed. Partition
+/// ends are reported, so a reader knows when it has caught up. `properties` (security
+/// settings, `key=value`) go last.
+pub fn reader_config(brokers: &str, properties: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dlsr-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("queued.max.messages.kbytes", "16384");
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    config
+}
+
+/// The topic's partitions, sorted; the brokers must answer within `timeout`.
+pub fn partitions<C: ClientContext>(
+    client: &Client<C>,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, TopicError> {
+    let metadata = client.fetch_metadata(Some(topic), timeout).map_err(|e| TopicError::Unreachable {
+        brokers: brokers.to_string(),
+        secs: timeout.as_secs(),
+        reason: e.to_string(),
+    })?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| TopicError::NoTopic(topic.to_string()))?;
+    if let Some(e) = found.error() {
+        let code = RDKafkaErrorCode::from(e);
+        if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+            return Err(TopicError::NoTopic(topic.to_string()));
+        }
+        return Err(TopicError::Metadata { topic: topic.to_string(), code });
+    }
+    let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    if partitions.is_empty() {
+        return Err(TopicError::NoTopic(topic.to_string()));
+    }
+    Ok(partitions)
+}
+
+/// For each partition, the offset of its first message at or after `ms` (milliseconds
+/// since the epoch), or None when it has none.
+pub fn offsets_at_time<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    brokers: &str,
+    topic: &str,
+    partitions: &[i32],
+    ms: i64,
+    timeout: Duration,
+) -> Result<Vec<Option<i64>>, TopicError> {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition_offset(topic, p, Offset::Offset(ms)).map_err(TopicError::Client)?;
+    }
+    let found = consumer.offsets_for_times(tpl, timeout).map_err(|e| TopicError::Unreachable {
+        brokers: brokers.to_string(),
+        secs: timeout.as_secs(),
+        reason: e.to_string(),
+    })?;
+    Ok(partitions
+        .iter()
+        .map(|&p| match found.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect())
+}
