@@ -220,6 +220,12 @@ pub struct KafkaConfig {
     pub commit_interval_ms: u64,
     /// Consumer group session timeout, in milliseconds.
     pub session_timeout_ms: u64,
+    /// Static group membership (librdkafka's `group.instance.id`): a stable name per
+    /// daemon (e.g. the pod name of a StatefulSet). A daemon restarted under the same name
+    /// within `session_timeout_ms` gets its partitions back at once, with no rebalance;
+    /// a stopped one keeps them unread until the timeout passes. Empty: dynamic
+    /// membership, where a restarted daemon waits for the group to rebalance.
+    pub group_instance_id: String,
     /// How long the producer keeps retrying a message before giving up (its input is then
     /// not committed and is re-read after a restart), in milliseconds.
     pub delivery_timeout_ms: u64,
@@ -252,6 +258,7 @@ impl Default for KafkaConfig {
             auto_offset_reset: OffsetReset::Earliest,
             commit_interval_ms: 2000,
             session_timeout_ms: 10_000,
+            group_instance_id: String::new(),
             delivery_timeout_ms: 120_000,
             message_max_bytes: 1_000_000,
             output_blocked_exit_ms: 300_000,

@@ -8,6 +8,7 @@ pub mod doctor;
 mod features;
 mod model_cmds;
 mod stream_cmds;
+mod tail;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,9 @@ pub enum Command {
     Audit(Box<audit::AuditArgs>),
     /// The streaming daemon: Kafka in, verdicts and dead letters out, Prometheus metrics.
     Serve(stream_cmds::ServeArgs),
+    /// Print the daemon's verdicts and dead letters from Kafka, one line each (reads by
+    /// assignment: no group, nothing committed).
+    Tail(Box<tail::TailArgs>),
     /// Push images from files or data sets into a Kafka topic.
     Publish(Box<stream_cmds::PublishArgs>),
     /// Self-contained demonstration: in-process broker, model, daemon, metrics.
@@ -165,6 +169,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(args) => model_cmds::run_calibrate(&args, cli.quiet),
         Command::Serve(args) => stream_cmds::run_serve(&args),
         Command::Publish(args) => stream_cmds::run_publish(&args),
+        Command::Tail(args) => tail::run(&args, cli.quiet),
         Command::Demo(args) => stream_cmds::run_demo(&args, cli.quiet),
         Command::Audit(args) => audit::run(&args, cli.quiet),
     }

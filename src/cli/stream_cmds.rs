@@ -39,6 +39,14 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     crate::shutdown::forward_signals(control.shutdown.clone(), control.reload.clone());
     let cfg = Config::load(args.config.as_deref())?;
     crate::telemetry::init_logging(cfg.log.format, &cfg.log.level);
+    if args.config.is_none() {
+        tracing::warn!(
+            brokers = %cfg.kafka.brokers,
+            bundle = %cfg.model.bundle.display(),
+            "no --config: serving with the built-in defaults and DLSR__* environment variables \
+             (config/dlsr.toml lists every key with its default)"
+        );
+    }
     let metrics = metrics_for(&cfg)?;
     let summary = daemon::run(cfg, args.config.clone(), control, metrics)?;
     eprintln!("{}", serde_json::to_string(&summary)?);

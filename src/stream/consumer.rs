@@ -92,6 +92,8 @@ pub struct ConsumerCtx {
     pub broker_up: AtomicBool,
     /// Bumped on every revoke, so the retry scheduler can drop revoked records.
     pub revocations: Arc<AtomicU64>,
+    /// Assignments received from the group (an empty one counts: the group answered).
+    pub assignments: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -103,6 +105,7 @@ impl ConsumerCtx {
             paused: AtomicBool::new(false),
             broker_up: AtomicBool::new(true),
             revocations: Arc::new(AtomicU64::new(0)),
+            assignments: AtomicU64::new(0),
             metrics,
         }
     }
@@ -185,9 +188,17 @@ impl ConsumerContext for ConsumerCtx {
         if let Rebalance::Assign(tpl) = rebalance {
             let tps = tps_of(tpl);
             tracing::info!(partitions = ?tps, "partitions assigned");
-            if let Ok(mut t) = self.tracker.lock() {
+            let held = self.tracker.lock().map(|mut t| {
                 t.assign(tps);
+                t.assigned().len()
+            });
+            if held.is_ok_and(|n| n == 0) {
+                tracing::info!(
+                    "the group gave this daemon no partitions (as many daemons as partitions \
+                     already?); it stays ready and idle until a rebalance hands it some"
+                );
             }
+            self.assignments.fetch_add(1, Ordering::SeqCst);
             if self.paused.load(Ordering::SeqCst) {
                 if let Err(e) = consumer.pause(tpl) {
                     tracing::warn!("pausing newly assigned partitions: {e}");

@@ -146,6 +146,9 @@ struct Daemon {
     faults: Arc<Faults>,
     counters: Arc<Counters>,
     summary: Summary,
+    /// When serving began, and when the wait for a first assignment was last logged.
+    serving_since: Instant,
+    wait_logged: Option<Instant>,
 }
 
 /// Runs the daemon with any [`ItemScorer`] until `control.shutdown` is set or a fault.
@@ -228,6 +231,7 @@ pub fn run_with_scorer(
         device = ?cfg.model.device,
         precision = %cfg.model.precision,
         thresholds = %thresholds_text,
+        config = %config_path.as_deref().map_or_else(|| "built-in defaults and DLSR__* environment".into(), |p| p.display().to_string()),
         "dlsr serving"
     );
 
@@ -246,6 +250,8 @@ pub fn run_with_scorer(
         faults,
         counters,
         summary: Summary::default(),
+        serving_since: Instant::now(),
+        wait_logged: None,
     };
     daemon.serve();
     let result = daemon.shutdown();
@@ -272,6 +278,7 @@ impl Daemon {
             if last_housekeeping.elapsed() >= Duration::from_millis(250) {
                 last_housekeeping = Instant::now();
                 self.check_faults();
+                self.log_assignment_wait();
                 self.health.set(self.not_ready_reason());
             }
             if last_trim.elapsed() >= Duration::from_secs(5) {
@@ -305,10 +312,57 @@ impl Daemon {
         }
     }
 
+    /// Whether the group has answered with an assignment yet.
+    fn assigned(&self) -> bool {
+        self.consumer.ctx().assignments.load(Ordering::Relaxed) > 0
+    }
+
+    /// Until the group first assigns partitions nothing is consumed, and after a restart
+    /// under dynamic membership that can take the old member's session timeout plus a
+    /// rebalance: say so at once and every 10 s (a warning after 30 s), and when it ends.
+    fn log_assignment_wait(&mut self) {
+        let group = &self.cfg.kafka.group_id;
+        let waited = self.serving_since.elapsed().as_secs();
+        if self.assigned() {
+            if self.wait_logged.take().is_some() {
+                tracing::info!("partition assignment received after {waited} s");
+            }
+            return;
+        }
+        if self.wait_logged.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        let first = self.wait_logged.is_none();
+        self.wait_logged = Some(Instant::now());
+        if first {
+            tracing::info!("waiting for partition assignment from group {group}");
+        } else if waited < 30 {
+            tracing::info!("still waiting for partition assignment from group {group}: {waited} s");
+        } else {
+            let hint = if self.cfg.kafka.group_instance_id.trim().is_empty() {
+                "; with dynamic membership a restarted daemon waits for its old session to time out \
+                 (kafka.session_timeout_ms) and a rebalance, which kafka.group_instance_id avoids"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "still waiting for partition assignment from group {group}: {waited} s (another member may \
+                 hold the partitions, or the group coordinator does not answer{hint})"
+            );
+        }
+    }
+
     /// Why the daemon is not ready, if it is not.
     fn not_ready_reason(&self) -> Option<String> {
         if !self.consumer.ctx().broker_up.load(Ordering::Relaxed) {
             return Some("the brokers do not answer".into());
+        }
+        if !self.assigned() {
+            return Some(format!(
+                "waiting for partition assignment from group {} for {} s",
+                self.cfg.kafka.group_id,
+                self.serving_since.elapsed().as_secs()
+            ));
         }
         self.blocks.longest().map(|(topic, code, since)| {
             format!("output topic {topic} refuses records ({code}) for {since:.0?}")

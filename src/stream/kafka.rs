@@ -6,7 +6,10 @@ use rdkafka::ClientConfig;
 
 use crate::config::{Config, ConfigError, KafkaConfig, SecurityProtocol};
 
-fn common(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+/// The connection: brokers and security (secrets read now). Readers of the daemon's
+/// topics (`dlsr tail`) use this alone; the user's pass-through properties are for the
+/// daemon's own clients.
+pub fn connection_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     let s = &k.security;
@@ -45,7 +48,7 @@ fn with_properties(mut c: ClientConfig, k: &KafkaConfig) -> ClientConfig {
 }
 
 pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
-    let mut c = common(k)?;
+    let mut c = connection_config(k)?;
     c.set("group.id", &k.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -61,11 +64,14 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
         // own bound is in_flight_limit.
         .set("queued.min.messages", "1000")
         .set("queued.max.messages.kbytes", "16384");
+    if !k.group_instance_id.trim().is_empty() {
+        c.set("group.instance.id", k.group_instance_id.trim());
+    }
     Ok(with_properties(c, k))
 }
 
 pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
-    let mut c = common(k)?;
+    let mut c = connection_config(k)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.max.bytes", k.message_max_bytes.to_string())
@@ -74,4 +80,21 @@ pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
         .set("retry.backoff.ms", "100")
         .set("retry.backoff.max.ms", "5000");
     Ok(with_properties(c, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_membership_only_when_named() {
+        let mut k = KafkaConfig::default();
+        assert_eq!(consumer_config(&k).unwrap().get("group.instance.id"), None);
+        k.group_instance_id = " dlsr-0 ".into();
+        assert_eq!(consumer_config(&k).unwrap().get("group.instance.id"), Some("dlsr-0"));
+        // A reader of the outputs gets the connection, not the daemon's group settings.
+        let reader = connection_config(&k).unwrap();
+        assert_eq!(reader.get("group.instance.id"), None);
+        assert_eq!(reader.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
 }

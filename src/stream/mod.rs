@@ -8,7 +8,8 @@
 //! supervised threads ([`supervise`]), thresholds ([`thresholds`]), output record formats
 //! ([`message`]), librdkafka settings ([`kafka`]), librdkafka's
 //! logs said once per problem ([`client_log`]), the publisher used for demos, load tests
-//! and backfills ([`publish`]) and what the brokers say about a topic ([`topics`]).
+//! and backfills ([`publish`]) what the brokers say about a topic ([`topics`]) and
+//! reading the outputs back for people ([`tail`]).
 
 pub mod client_log;
 pub mod consumer;
@@ -21,5 +22,6 @@ pub mod producer;
 pub mod publish;
 pub mod scorer;
 pub mod supervise;
+pub mod tail;
 pub mod thresholds;
 pub mod topics;

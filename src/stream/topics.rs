@@ -31,17 +31,23 @@ pub enum TopicError {
 /// settings, `key=value`) go last.
 pub fn reader_config(brokers: &str, properties: &[(String, String)]) -> ClientConfig {
     let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    reader_settings(&mut config);
+    for (k, v) in properties {
+        config.set(k, v);
+    }
     config
-        .set("bootstrap.servers", brokers)
+}
+
+/// The settings of [`reader_config`], on top of a connection's (e.g. the daemon's
+/// brokers and security from its configuration).
+pub fn reader_settings(config: &mut ClientConfig) {
+    config
         .set("group.id", "dlsr-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("queued.max.messages.kbytes", "16384");
-    for (k, v) in properties {
-        config.set(k, v);
-    }
-    config
 }
 
 /// The topic's partitions, sorted; the brokers must answer within `timeout`.

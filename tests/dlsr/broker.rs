@@ -201,8 +201,11 @@ fn kill_9_then_restart_loses_nothing_and_sigterm_then_restart_repeats_nothing() 
     first.child.wait().unwrap();
     let second = serve(&config);
     out.until(Duration::from_secs(180), |o| o.missing(&keys) == 0);
-    terminate(second);
+    let log = terminate(second);
     assert_eq!(out.missing(&keys), 0, "every input needs at least one output after a crash");
+    // The wait for the group is said, and its end.
+    assert!(log.contains("waiting for partition assignment from group g-crash"), "{log}");
+    assert!(log.contains("partition assignment received after"), "{log}");
     eprintln!(
         "kill -9 and restart: {} inputs, {} duplicate outputs (at-least-once)",
         keys.len(),
@@ -279,4 +282,21 @@ fn audit_reads_the_time_range_it_is_given() {
     assert_eq!(after["items"], 8, "{after}");
     let before = audit("--until", cut.to_string());
     assert_eq!(before["items"], 12, "{before}");
+
+    // `dlsr tail` from the same time shows the same 8 (as records dlsr did not write:
+    // images are neither verdicts nor dead letters), and from the end none.
+    let tail = |from: &str| {
+        let out = Command::new(dlsr_bin())
+            .args(["tail", "--brokers", &broker.brokers, "--topic", "images", "--from", from, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let records: Vec<serde_json::Value> =
+            String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(records.iter().all(|r| r["kind"] == "other" && r["topic"] == "images"), "{records:?}");
+        records.len()
+    };
+    assert_eq!(tail(&dlsr::stream::message::rfc3339(cut)), 8);
+    assert_eq!(tail("end"), 0);
+    assert_eq!(tail("beginning"), 20);
 }

@@ -113,8 +113,13 @@ fn audit_arguments_are_checked_before_any_work() {
         run(&["audit", "--model", "m", "--out", "o", "--from-topic", "t", "--brokers", "b", "--since", "yesterday"]);
     assert!(!ok);
     assert!(stderr.contains("--since") && stderr.contains("RFC 3339"), "{stderr}");
+    let (ok, _, stderr) = run(&["tail", "--brokers", "b", "--from", "last week"]);
+    assert!(!ok);
+    assert!(stderr.contains("--from") && stderr.contains("beginning or end"), "{stderr}");
+    let (ok, _, stderr) = run(&["tail", "--brokers", "b", "--verdicts", "--dead-letters"]);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
     let (_, help, _) = run(&["--help"]);
-    for cmd in ["fit", "calibrate", "score", "eval", "audit", "serve", "publish", "demo", "doctor"] {
+    for cmd in ["fit", "calibrate", "score", "eval", "audit", "serve", "tail", "publish", "demo", "doctor"] {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");
     }
 }

@@ -204,6 +204,155 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
     let text = metrics.render();
     assert!(text.contains("dlsr_dead_letters_total{code=\"empty\",topic=\"images\"} 1"), "{text}");
     assert!(text.contains("dlsr_score_bucket{kind=\"mfsim\""), "score histogram missing");
+
+    // `dlsr tail` shows the same outputs, one line each, with the verdict or the reason.
+    let tail = |extra: &[&str]| {
+        let out = std::process::Command::new(crate::common::dlsr_bin())
+            .args(["tail", "--brokers", &brokers])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (lines, stderr) = tail(&[]);
+    assert_eq!(lines.lines().count(), keys.len(), "{lines}");
+    for k in &keys {
+        assert_eq!(lines.lines().filter(|l| l.contains(&format!(" {k}  "))).count(), 1, "{k}: {lines}");
+    }
+    for (key, code) in &dead {
+        assert!(lines.contains(&format!("DEAD {key}  {code}: ")), "{key}: {lines}");
+    }
+    let ood = flagged["mnist"] + flagged["fmnist"];
+    let verdicts = keys.len() - dead.len();
+    assert!(
+        stderr.contains(&format!(
+            "{} records: {verdicts} verdicts ({ood} OOD, {} ID), {} dead letters (",
+            keys.len(),
+            verdicts - ood,
+            dead.len()
+        )),
+        "{stderr}"
+    );
+    let ood_lines = lines.lines().filter(|l| l.contains(" OOD  ")).collect::<Vec<_>>();
+    assert_eq!(ood_lines.len(), ood);
+    assert!(ood_lines.iter().all(|l| l.contains(" mfsim ") && l.contains(" > ") && l.contains("from images/")));
+    let (json, _) = tail(&["--dead-letters", "--json"]);
+    let records: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), dead.len());
+    for r in &records {
+        assert_eq!(r["kind"], "dead_letter");
+        assert_eq!(r["topic"], "dlsr-dead-letters");
+        assert_eq!(r["error_code"].as_str(), dead.get(r["key"].as_str().unwrap()).copied(), "{r}");
+    }
+}
+
+/// A raw record for `dlsr tail` to read: (topic, key, headers, value).
+fn produce_raw(brokers: &str, records: &[(&str, Option<&[u8]>, Vec<dlsr::stream::headers::Header>, &[u8])]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for (topic, key, headers, value) in records {
+        let mut r = BaseRecord::<[u8], [u8]>::to(topic)
+            .payload(*value)
+            .headers(dlsr::stream::headers::to_owned(headers));
+        if let Some(k) = key {
+            r = r.key(*k);
+        }
+        p.send(r).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn tail_follows_new_records_starts_at_a_time_and_shows_any_bytes_as_one_line() {
+    use dlsr::stream::headers::text;
+    use std::io::BufRead;
+    let (_cluster, brokers) = cluster();
+    let verdict = |id: &str, ood: bool| {
+        serde_json::json!({"id": id, "source": {"topic": "images", "partition": 0, "offset": 3, "timestamp": null},
+            "score": -0.98, "score_kind": "mfsim", "threshold": -0.99, "is_ood": ood, "id_percentile": 99.9})
+        .to_string()
+    };
+    let old = verdict("old.png", true);
+    produce_raw(&brokers, &[("dlsr-verdicts", Some(b"old.png"), vec![text("dlsr-verdict", "ood")], old.as_bytes())]);
+
+    let mut child = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["tail", "--brokers", &brokers, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3)); // assigned and at the end
+    // A dead letter whose key and header key are not clean text, a new verdict, and a
+    // record dlsr did not write.
+    let mut odd_headers = vec![(vec![0xff, 0xfe, b'k'], Some(b"v".to_vec()))];
+    odd_headers.extend([
+        text("dlsr-error-code", "undecodable"),
+        text("dlsr-error", "bad\nbytes"),
+        text("dlsr-source-topic", "images"),
+        text("dlsr-source-partition", "1"),
+        text("dlsr-source-offset", "9"),
+    ]);
+    let new = verdict("new.png", false);
+    produce_raw(
+        &brokers,
+        &[
+            ("dlsr-dead-letters", Some(b"cam\x1b[2J\n7"), odd_headers, b"\x89PNG"),
+            ("dlsr-verdicts", Some(b"new.png"), vec![text("dlsr-verdict", "id")], new.as_bytes()),
+            ("dlsr-verdicts", None, vec![], b"\x00\x01 not json"),
+        ],
+    );
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(rx.recv_timeout(Duration::from_secs(30)).expect("tail --follow printed too little"));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(rx.recv_timeout(Duration::from_secs(1)).is_err(), "old records or a surplus line");
+    let all = got.join("\n");
+    assert!(!all.contains("old.png"), "--follow starts at the end: {all}");
+    assert!(all.contains("DEAD cam\\u{1b}[2J\\n7  undecodable: bad\\nbytes  from images/1@9"), "{all}");
+    assert!(all.contains("ID   new.png  mfsim -0.9800 <= -0.9900"), "{all}");
+    assert!(all.contains("?    dlsr-verdicts/0/"), "{all}");
+    assert!(
+        stderr.contains("3 records: 1 verdict (0 OOD, 1 ID), 1 dead letter (undecodable 1), 1 not written by dlsr"),
+        "{stderr}"
+    );
+
+    // From the beginning (the default without --follow): the old verdict too. (Times are
+    // tested against tansu in broker.rs: the mock cluster cannot look offsets up by time.)
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["tail", "--brokers", &brokers, "--json"])
+        .output()
+        .unwrap();
+    let mut kinds: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| v["verdict"]["id"].as_str().unwrap_or(v["kind"].as_str().unwrap()).to_string())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["dead_letter", "new.png", "old.png", "other"]);
+
+    // A topic that is not there is a clear error, not a wait.
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["tail", "--brokers", &brokers, "--topic", "no-such-topic", "--timeout", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"no-such-topic\" does not exist"));
 }
 
 /// `dlsr score`'s JSON lines as id -> score.
@@ -386,6 +535,32 @@ fn kill_9_inside_the_produce_to_acknowledge_window_commits_nothing_unacknowledge
     handle.join().unwrap();
     let got: std::collections::BTreeSet<&str> = outputs.iter().map(|o| o.key.as_str()).collect();
     assert!(keys.iter().all(|k| got.contains(k.as_str())), "inputs lost after kill -9");
+}
+
+#[test]
+fn readyz_says_why_while_the_group_has_not_assigned_partitions() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (cluster, brokers) = cluster();
+    // The group coordinator cannot be found: metadata works, no assignment comes.
+    cluster.request_errors(
+        RDKafkaApiKey::FindCoordinator,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10_000],
+    );
+    let control = Control::default();
+    let (handle, _metrics) = start(config(&brokers, "g-wait"), control.clone(), None);
+    let addr = || control.http_addr.lock().ok().and_then(|a| *a);
+    wait_until("the listener", Duration::from_secs(60), || addr().is_some());
+    let readyz = || crate::common::http_get(addr().unwrap(), "/readyz").unwrap_or((0, String::new()));
+    wait_until("/readyz 503 waiting for the group", Duration::from_secs(60), || {
+        let (status, body) = readyz();
+        status == 503 && body.contains("waiting for partition assignment from group g-wait for ")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(readyz().0, 503, "still no assignment: still not ready");
+    cluster.clear_request_errors(RDKafkaApiKey::FindCoordinator);
+    wait_until("/readyz 200 once assigned", Duration::from_secs(60), || readyz().0 == 200);
+    control.shutdown.store(true, Ordering::Relaxed);
+    assert!(handle.join().unwrap().drained);
 }
 
 #[test]
