@@ -235,7 +235,19 @@ impl Bundle {
         }
         let serving = enc.precision();
         let calibrated = self.meta.calibration.precision;
-        if serving != calibrated {
+        // Said once per bundle and precision: `score --workers N` and the daemon load one
+        // encoder per worker.
+        static WARNED: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+        let first_time = || {
+            let key = (self.path.clone(), serving.to_string());
+            let mut warned = WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let first = !warned.contains(&key);
+            if first {
+                warned.push(key);
+            }
+            first
+        };
+        if serving != calibrated && first_time() {
             tracing::warn!(
                 bundle = %self.path.display(),
                 "scoring in {serving}, but the thresholds were calibrated on {calibrated} features: scores \

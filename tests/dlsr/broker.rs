@@ -203,9 +203,9 @@ fn kill_9_then_restart_loses_nothing_and_sigterm_then_restart_repeats_nothing() 
     out.until(Duration::from_secs(180), |o| o.missing(&keys) == 0);
     let log = terminate(second);
     assert_eq!(out.missing(&keys), 0, "every input needs at least one output after a crash");
-    // The wait for the group is said, and its end.
+    // The wait for the group is said at once (the first daemon may have published
+    // everything already, so this one can be stopped before its assignment comes).
     assert!(log.contains("waiting for partition assignment from group g-crash"), "{log}");
-    assert!(log.contains("partition assignment received after"), "{log}");
     eprintln!(
         "kill -9 and restart: {} inputs, {} duplicate outputs (at-least-once)",
         keys.len(),
@@ -222,7 +222,9 @@ fn kill_9_then_restart_loses_nothing_and_sigterm_then_restart_repeats_nothing() 
     out.until(Duration::from_secs(180), |o| keys.iter().all(|k| o.counts[k] > before[k]));
     // Let any duplicate arrive before judging.
     out.until(Duration::from_secs(3), |_| false);
-    terminate(fourth);
+    let log = terminate(fourth);
+    // This one had work, so it was assigned partitions, and said after how long.
+    assert!(log.contains("partition assignment received after"), "{log}");
     for k in &keys {
         assert_eq!(
             out.counts[k] - before[k],

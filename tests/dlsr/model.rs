@@ -229,6 +229,22 @@ fn score_workers_keep_the_order_and_the_scores() {
     }
 }
 
+/// Scoring in another precision than the bundle was calibrated in warns once per run,
+/// however many workers load the encoder.
+#[test]
+fn a_precision_other_than_calibrated_warns_once() {
+    let f = fitted();
+    let (ok, _, stderr) = run(
+        &["-q", "score", "--model", f.bundle.to_str().unwrap(), "--precision", "bf16", "--workers", "3"]
+            .into_iter()
+            .chain([mnist().as_str(), "--limit", "12"])
+            .collect::<Vec<_>>(),
+        &f.dir.path().join("cache"),
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(stderr.matches("thresholds were calibrated on f32").count(), 1, "{stderr}");
+}
+
 #[test]
 fn an_image_scores_the_same_alone_and_inside_a_batch() {
     let f = fitted();
