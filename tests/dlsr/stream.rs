@@ -629,6 +629,16 @@ fn bad_configuration_fails_at_start_with_the_reason() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pipeline.batch_max_size"));
+    // Without --config it says what it runs on.
+    let out = std::process::Command::new(crate::common::dlsr_bin())
+        .args(["serve"])
+        .env("DLSR__MODEL__BUNDLE", "/nonexistent/m.safetensors")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no --config: serving with the built-in defaults and DLSR__* environment"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/m.safetensors"), "{stderr}");
     // An unknown key from the environment names the variable it came from.
     let out = std::process::Command::new(crate::common::dlsr_bin())
         .args(["serve"])
