@@ -119,11 +119,17 @@ pub fn run(args: &TailArgs, quiet: bool) -> anyhow::Result<()> {
     };
     let mut tail = Tail::open(&options).map_err(|e| match e {
         crate::stream::topics::TopicError::NoTopic(t) => anyhow::anyhow!(
-            "topic {t:?} does not exist on the brokers: the daemon has not published to it yet, or \
-             --config/--topic names another"
+            "no such topic on the brokers: {t} (the daemon has not published to it yet, or \
+             --config/--topic names another)"
         ),
         e => anyhow::Error::new(e),
     })?;
+    for t in &tail.missing {
+        eprintln!(
+            "tail: topic {t} does not exist yet (nothing written to it so far); reading the others{}",
+            if args.follow { ": restart tail to read it once it exists" } else { "" }
+        );
+    }
     let stop: &AtomicBool = crate::shutdown::interrupt_flag();
     let colour = !args.json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let mut tally = Tally::default();

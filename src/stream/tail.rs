@@ -328,18 +328,30 @@ pub struct Tail {
     opened_ms: i64,
     /// Records the brokers returned from before the start point (see [`Tail::keeps`]).
     pub skipped_before_start: u64,
+    /// Topics asked for that do not exist (yet); the others are read.
+    pub missing: Vec<String>,
 }
 
 impl Tail {
     /// Connects, finds every topic's partitions and assigns them at the start point.
     pub fn open(options: &TailOptions) -> Result<Self, TopicError> {
         let mut topics = Vec::new();
+        let mut missing = Vec::new();
         for topic in &options.topics {
             let mut config = options.connection.clone();
             topics::reader_settings(&mut config);
             let consumer: BaseConsumer<GatedContext> =
                 config.create_with_context(GatedContext("tail")).map_err(TopicError::Client)?;
-            let partitions = topics::partitions(consumer.client(), &options.brokers, topic, options.timeout)?;
+            let partitions =
+                match topics::partitions(consumer.client(), &options.brokers, topic, options.timeout) {
+                    // The dead-letter topic often does not exist until the first dead letter:
+                    // read the others and say so; only no topic at all is an error.
+                    Err(TopicError::NoTopic(t)) => {
+                        missing.push(t);
+                        continue;
+                    }
+                    other => other?,
+                };
             let starts: Vec<Offset> = match options.from {
                 TailStart::Beginning => vec![Offset::Beginning; partitions.len()],
                 TailStart::End => vec![Offset::End; partitions.len()],
@@ -363,6 +375,9 @@ impl Tail {
             let pending = if options.follow { Vec::new() } else { partitions };
             topics.push(TopicTail { topic: topic.clone(), consumer, pending, caught_up: Vec::new() });
         }
+        if topics.is_empty() {
+            return Err(TopicError::NoTopic(missing.join(", ")));
+        }
         let opened_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -373,6 +388,7 @@ impl Tail {
             from: options.from,
             opened_ms,
             skipped_before_start: 0,
+            missing,
         })
     }
 
