@@ -248,7 +248,9 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
 }
 
 /// A raw record for `dlsr tail` to read: (topic, key, headers, value).
-fn produce_raw(brokers: &str, records: &[(&str, Option<&[u8]>, Vec<dlsr::stream::headers::Header>, &[u8])]) {
+type RawRecord<'a> = (&'a str, Option<&'a [u8]>, Vec<dlsr::stream::headers::Header>, &'a [u8]);
+
+fn produce_raw(brokers: &str, records: &[RawRecord<'_>]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     for (topic, key, headers, value) in records {
