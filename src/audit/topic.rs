@@ -71,13 +71,8 @@ impl TopicReader {
         let consumer: BaseConsumer<GatedContext> = topics::reader_config(&range.brokers, &range.properties)
             .create_with_context(GatedContext("reader"))
             .map_err(TopicError::Client)?;
-        let secs = range.timeout.as_secs();
         let partitions = topics::partitions(consumer.client(), &range.brokers, &range.topic, range.timeout)?;
-        let unreachable = |e: KafkaError| TopicError::Unreachable {
-            brokers: range.brokers.clone(),
-            secs,
-            reason: e.to_string(),
-        };
+        let unreachable = |e: KafkaError| TopicError::unreachable(&range.brokers, range.timeout, e);
         let mut ranges = Vec::new();
         for &p in &partitions {
             let (low, high) =

@@ -312,9 +312,7 @@ fn audit_files(
 /// The topic range the arguments ask for (checked before any model is loaded).
 fn topic_range(args: &AuditArgs) -> anyhow::Result<Option<TopicRange>> {
     let Some(topic) = &args.from_topic else { return Ok(None) };
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
-            as i64;
+    let now = crate::stream::message::now_millis();
     let time = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
         s.as_deref().map(|s| parse_time(s, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
     };

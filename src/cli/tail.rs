@@ -55,9 +55,7 @@ pub struct TailArgs {
 }
 
 fn parse_from(text: Option<&str>, follow: bool) -> anyhow::Result<TailStart> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = crate::stream::message::now_millis();
     Ok(match text {
         None if follow => TailStart::End,
         None | Some("beginning") => TailStart::Beginning,

@@ -58,10 +58,14 @@ impl<'a> VerdictRecord<'a> {
     }
 }
 
+/// Milliseconds since the Unix epoch now (0 on a clock set before 1970).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The current UTC time as RFC 3339 with milliseconds.
 pub fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    rfc3339(now.as_millis() as i64)
+    rfc3339(now_millis())
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC (civil-from-days, Howard Hinnant).

@@ -127,13 +127,9 @@ impl Publisher {
     pub fn check_reachable(&self, brokers: &str, timeout: Duration) -> Result<(), PublishError> {
         let answer = self.producer.client().fetch_metadata(None, timeout);
         self.producer.poll(Duration::ZERO);
-        answer.map(drop).map_err(|e| {
-            PublishError::Unreachable(super::topics::TopicError::Unreachable {
-                brokers: brokers.to_string(),
-                secs: timeout.as_secs(),
-                reason: e.to_string(),
-            })
-        })
+        answer
+            .map(drop)
+            .map_err(|e| PublishError::Unreachable(super::topics::TopicError::unreachable(brokers, timeout, e)))
     }
 
     /// Queues one message (waits while the local queue is full).

@@ -369,10 +369,7 @@ impl ScoringStage {
             self.counters.flagged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(ts) = work.source.timestamp {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as i64;
+            let now = super::message::now_millis();
             m.record_end_to_end(&topic, ((now - ts).max(0) as f64) / 1000.0);
         }
         if !(verdict.is_ood || self.publish == Publish::All) {

@@ -378,9 +378,7 @@ impl Tail {
         if topics.is_empty() {
             return Err(TopicError::NoTopic(missing.join(", ")));
         }
-        let opened_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let opened_ms = super::message::now_millis();
         Ok(Self {
             topics,
             follow: options.follow,

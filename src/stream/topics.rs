@@ -25,6 +25,13 @@ pub enum TopicError {
     Stalled { secs: u64, pending: Vec<i32> },
 }
 
+impl TopicError {
+    /// The brokers did not answer a request within `timeout`.
+    pub fn unreachable(brokers: &str, timeout: Duration, error: KafkaError) -> Self {
+        Self::Unreachable { brokers: brokers.to_string(), secs: timeout.as_secs(), reason: error.to_string() }
+    }
+}
+
 /// A consumer that only ever reads by assignment: librdkafka needs a group id for a
 /// consumer, but an assignment never joins the group and nothing is committed. Partition
 /// ends are reported, so a reader knows when it has caught up. `properties` (security
@@ -57,11 +64,8 @@ pub fn partitions<C: ClientContext>(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<i32>, TopicError> {
-    let metadata = client.fetch_metadata(Some(topic), timeout).map_err(|e| TopicError::Unreachable {
-        brokers: brokers.to_string(),
-        secs: timeout.as_secs(),
-        reason: e.to_string(),
-    })?;
+    let metadata =
+        client.fetch_metadata(Some(topic), timeout).map_err(|e| TopicError::unreachable(brokers, timeout, e))?;
     let found = metadata
         .topics()
         .iter()
@@ -96,11 +100,8 @@ pub fn offsets_at_time<C: ConsumerContext>(
     for &p in partitions {
         tpl.add_partition_offset(topic, p, Offset::Offset(ms)).map_err(TopicError::Client)?;
     }
-    let found = consumer.offsets_for_times(tpl, timeout).map_err(|e| TopicError::Unreachable {
-        brokers: brokers.to_string(),
-        secs: timeout.as_secs(),
-        reason: e.to_string(),
-    })?;
+    let found =
+        consumer.offsets_for_times(tpl, timeout).map_err(|e| TopicError::unreachable(brokers, timeout, e))?;
     Ok(partitions
         .iter()
         .map(|&p| match found.find_partition(topic, p).map(|e| e.offset()) {

@@ -1,5 +1,6 @@
 //! One HTTP/1.1 listener for `/metrics` (Prometheus text format), `/healthz` (the
-//! process is alive) and `/readyz` (brokers reachable and the model loaded). GET only,
+//! process is alive) and `/readyz` (brokers reachable, partitions assigned once, no
+//! output blocked; the daemon sets the reason a 503 gives). GET only,
 //! one request per connection: all a scraper and a probe need, with no web framework.
 //!
 //! It must never take the process down or spin: at most [`MAX_CONNECTIONS`] requests are
