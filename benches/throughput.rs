@@ -96,7 +96,13 @@ fn main() {
                     .map(|_| {
                         s.spawn(move || {
                             tch::set_num_threads(1);
-                            let enc = EfficientNetLite::load(LiteVariant::Lite0, &LiteVariant::Lite0.default_weights(), device, Precision::F32).unwrap();
+                            let enc = EfficientNetLite::load(
+                                LiteVariant::Lite0,
+                                &LiteVariant::Lite0.default_weights(),
+                                device,
+                                Precision::F32,
+                            )
+                            .unwrap();
                             let images = Tensor::randn([batch, 3, px, px], (Kind::Float, device));
                             rate(batch, || {
                                 let maps = enc.feature_maps(&images).unwrap();

@@ -271,9 +271,20 @@ pub fn encode_set_cached(
 }
 
 /// Loads one batch (`start..end` of `set`): items decoded and preprocessed, stacked.
-fn load_batch(set: &DataSet, start: usize, end: usize, limits: &DecodeLimits, pre: &Preprocess) -> PreparedBatch {
-    let mut batch =
-        PreparedBatch { ids: Vec::new(), seeds: Vec::new(), images: None, errors: Vec::new(), items: end - start };
+fn load_batch(
+    set: &DataSet,
+    start: usize,
+    end: usize,
+    limits: &DecodeLimits,
+    pre: &Preprocess,
+) -> PreparedBatch {
+    let mut batch = PreparedBatch {
+        ids: Vec::new(),
+        seeds: Vec::new(),
+        images: None,
+        errors: Vec::new(),
+        items: end - start,
+    };
     let mut tensors = Vec::new();
     for i in start..end {
         match load_item(set, i, limits, pre) {
@@ -291,7 +302,10 @@ fn load_batch(set: &DataSet, start: usize, end: usize, limits: &DecodeLimits, pr
             Err(e) => {
                 let reason = e.to_string();
                 batch.errors.extend(
-                    batch.ids.drain(..).map(|id| ItemError { id, kind: ItemErrorKind::Preprocess(reason.clone()) }),
+                    batch
+                        .ids
+                        .drain(..)
+                        .map(|id| ItemError { id, kind: ItemErrorKind::Preprocess(reason.clone()) }),
                 );
                 batch.seeds.clear();
             }

@@ -13,9 +13,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::stream::client_log::GatedContext;
-pub use crate::stream::topics::TopicError;
-use crate::stream::topics;
 use crate::stream::message::Source;
+use crate::stream::topics;
+pub use crate::stream::topics::TopicError;
 
 /// Where each partition's reading starts.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -36,7 +36,8 @@ fn encoder_rate(
     use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
     use crate::model::encoder::Encoder;
     anyhow::ensure!(px >= 8 && batch >= 1, "--encoder-rate needs at least 8 px and --batch-size at least 1");
-    let net = EfficientNetLite::load(LiteVariant::Lite0, &LiteVariant::Lite0.default_weights(), device, precision)?;
+    let net =
+        EfficientNetLite::load(LiteVariant::Lite0, &LiteVariant::Lite0.default_weights(), device, precision)?;
     let images = tch::Tensor::f_randn([batch, 3, px, px], (tch::Kind::Float, device))?;
     let sync = || {
         if let tch::Device::Cuda(index) = device {
@@ -87,7 +88,10 @@ pub fn imagenet_top1(
 }
 
 /// Top-1 of Lite0 on the foolbox ImageNet photos.
-fn imagenet_check(device: tch::Device, precision: crate::model::encoder::Precision) -> anyhow::Result<String> {
+fn imagenet_check(
+    device: tch::Device,
+    precision: crate::model::encoder::Precision,
+) -> anyhow::Result<String> {
     use crate::model::efficientnet::{EfficientNetLite, LiteVariant};
     let variant = LiteVariant::Lite0;
     let net = EfficientNetLite::load(variant, &variant.default_weights(), device, precision)?;
@@ -162,7 +166,11 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
     let dev = args.device.unwrap_or(DeviceSpec::Auto).resolve()?;
     let precision = args.precision;
     if args.imagenet {
-        println!("imagenet check: {} on {} ({precision})", imagenet_check(dev, precision)?, device::describe(dev));
+        println!(
+            "imagenet check: {} on {} ({precision})",
+            imagenet_check(dev, precision)?,
+            device::describe(dev)
+        );
     }
     if let Some(px) = args.encoder_rate {
         let rate = encoder_rate(dev, precision, px, args.batch_size)?;

@@ -169,7 +169,10 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
 }
 
 /// "none skipped", or "3 skipped (empty 1, undecodable 2)".
-pub(super) fn skipped_text<K: std::fmt::Display>(total: usize, by_code: &std::collections::BTreeMap<K, usize>) -> String {
+pub(super) fn skipped_text<K: std::fmt::Display>(
+    total: usize,
+    by_code: &std::collections::BTreeMap<K, usize>,
+) -> String {
     if total == 0 {
         return "none skipped".into();
     }
@@ -197,7 +200,8 @@ fn print_calibration(c: &Calibration) {
         );
     }
     // One note per distinct text: the scores share the held-out count, so usually one.
-    let notes: std::collections::BTreeSet<&str> = c.scores.values().filter_map(|s| s.note.as_deref()).collect();
+    let notes: std::collections::BTreeSet<&str> =
+        c.scores.values().filter_map(|s| s.note.as_deref()).collect();
     for note in notes {
         println!("  note: {note}");
     }
@@ -496,7 +500,8 @@ pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
     }
     let scores = score_all(&bundle.scorer(&settings), &encoded.values, &encoded.seeds, 256)?;
     let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
-    let calibration = Calibration::build(&by_kind(&scores), target, &args.data, extractor.encoder.precision())?;
+    let calibration =
+        Calibration::build(&by_kind(&scores), target, &args.data, extractor.encoder.precision())?;
     println!(
         "{} items scored, {}",
         encoded.ids.len(),

@@ -328,8 +328,11 @@ impl EfficientNetLite {
             reason: format!("folding BatchNorm into the convolutions: {e}"),
         };
         let folded_stem = FoldedConv::fold(&stem, kind).map_err(fold_error)?;
-        let folded_blocks =
-            blocks.iter().map(|b| FoldedMbConv::fold(b, kind)).collect::<Result<Vec<_>, _>>().map_err(fold_error)?;
+        let folded_blocks = blocks
+            .iter()
+            .map(|b| FoldedMbConv::fold(b, kind))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fold_error)?;
         let folded_head = FoldedConv::fold(&head, kind).map_err(fold_error)?;
         if precision == Precision::Bf16 {
             vs.bfloat16();
@@ -345,18 +348,7 @@ impl EfficientNetLite {
                 antialias: true,
             },
         };
-        Ok(Self {
-            vs,
-            stem,
-            blocks,
-            folded_stem,
-            folded_blocks,
-            folded_head,
-            taps,
-            fc,
-            precision,
-            identity,
-        })
+        Ok(Self { vs, stem, blocks, folded_stem, folded_blocks, folded_head, taps, fc, precision, identity })
     }
 
     fn input(&self, images: &Tensor) -> Result<Tensor, tch::TchError> {
@@ -408,7 +400,8 @@ impl EfficientNetLite {
         let run = || -> Result<(Vec<Tensor>, Tensor), tch::TchError> {
             tch::no_grad(|| {
                 let (maps, x) = self.run_blocks(images, self.blocks.len())?;
-                let pooled = self.folded_head.forward(&x, true)?.f_mean_dim([2i64, 3].as_slice(), false, None)?;
+                let pooled =
+                    self.folded_head.forward(&x, true)?.f_mean_dim([2i64, 3].as_slice(), false, None)?;
                 let logits = pooled.f_linear(&self.fc.ws, self.fc.bs.as_ref())?;
                 Ok((maps, logits))
             })

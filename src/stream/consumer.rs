@@ -18,9 +18,20 @@
 //!
 //! The consumer thread never blocks on the pipeline: a message that does not fit into
 //! the full work channel waits in a small stash while the consumer pauses and keeps
-//! polling (heartbeats, rebalances and commit callbacks go on).
+//! polling (heartbeats, rebalances and commit callbacks go on). Nor does it block on the
+//! brokers: lag and broker reachability come from librdkafka's statistics (every 5 s,
+//! no request of its own), so hundreds of partitions cost nothing on this thread.
+//!
+//! Events are read through [`super::input`], which keeps the coordinates of a partition's
+//! error: a partition that cannot be read past an offset is *blocked* (metric, `/readyz`,
+//! a log line a minute) and handled by `kafka.on_unreadable` (block or skip).
+//!
+//! Transactions: a partition written by a transactional producer ends with a commit
+//! marker, a record the application never sees. With nothing pending, the commit point
+//! follows librdkafka's position for the partition (past the markers it read), so such a
+//! partition's lag goes back to 0 and a healthy daemon does not look stuck.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -29,13 +40,25 @@ use std::time::{Duration, Instant};
 use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use super::headers::{self, Header};
+use super::headers::Header;
+use super::input::{self, FaultClass, InputFaults, PartitionError, Polled, RawMessage, SkipStep, Skipper};
 use super::message::{item_id, Source};
 use super::offsets::{Ack, OffsetTracker, TopicPartition};
+use crate::config::OnUnreadable;
 use crate::telemetry::metrics::Metrics;
+
+/// Offsets skipped unread (`kafka.on_unreadable = "skip"`): the work item standing for
+/// them carries no payload and becomes one dead letter naming the range.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// The last offset of the range (`source.offset` is the first).
+    pub last: i64,
+    /// The consumer's error code (`bad_compression`, ...).
+    pub code: String,
+    pub reason: String,
+}
 
 /// A consumed message on its way through the pipeline.
 #[derive(Debug)]
@@ -47,6 +70,8 @@ pub struct Work {
     pub headers: Vec<Header>,
     /// The assignment it was read under.
     pub generation: u64,
+    /// Set when this item stands for offsets that could not be read (skip policy).
+    pub skipped: Option<Skipped>,
 }
 
 impl Work {
@@ -62,19 +87,22 @@ impl Work {
         item_id(self.key.as_deref(), &self.source)
     }
 
-    fn from_message(msg: &BorrowedMessage<'_>, generation: u64) -> Self {
+    fn from_raw(msg: RawMessage, generation: u64) -> Self {
         Work {
-            source: Source {
-                topic: msg.topic().to_string(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                timestamp: msg.timestamp().to_millis(),
-            },
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers: headers::read(msg),
+            source: msg.source,
+            key: msg.key,
+            payload: msg.payload,
+            headers: msg.headers,
             generation,
+            skipped: None,
         }
+    }
+
+    /// Bytes this item holds (what `pipeline.in_flight_bytes` counts before decoding).
+    pub fn byte_len(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + super::headers::payload_len(&self.headers)
     }
 }
 
@@ -94,6 +122,11 @@ pub struct ConsumerCtx {
     pub revocations: Arc<AtomicU64>,
     /// Assignments received from the group (an empty one counts: the group answered).
     pub assignments: AtomicU64,
+    /// Inputs blocked by a fault that does not go away by itself (also written by the
+    /// topic watcher for topics that do not exist).
+    pub input_faults: Arc<Mutex<InputFaults>>,
+    /// Partitions whose unreadable range is being stepped over (skip policy).
+    skipper: Mutex<Skipper>,
     metrics: Arc<Metrics>,
 }
 
@@ -106,8 +139,30 @@ impl ConsumerCtx {
             broker_up: AtomicBool::new(true),
             revocations: Arc::new(AtomicU64::new(0)),
             assignments: AtomicU64::new(0),
+            input_faults: Arc::new(Mutex::new(InputFaults::default())),
+            skipper: Mutex::new(Skipper::default()),
             metrics,
         }
+    }
+
+    /// Clears a partition's input fault (read past it, or revoked).
+    fn clear_fault(&self, tp: &TopicPartition) {
+        let cleared = self.input_faults.lock().ok().and_then(|mut f| f.clear(tp));
+        if let Some(code) = cleared {
+            self.metrics.set_input_blocked(&tp.0, Some(tp.1), &code, false);
+            tracing::info!(topic = %tp.0, partition = tp.1, "input partition readable again ({code} cleared)");
+        }
+    }
+
+    /// Records a blocking fault of a partition.
+    fn report_fault(&self, e: &PartitionError, code: &str) {
+        let tp = (e.topic.clone(), e.partition);
+        let Ok(mut faults) = self.input_faults.lock() else { return };
+        let (old_code, _) = faults.report(tp, code, e.offset, &e.reason);
+        if let Some(old) = old_code {
+            self.metrics.set_input_blocked(&e.topic, Some(e.partition), &old, false);
+        }
+        self.metrics.set_input_blocked(&e.topic, Some(e.partition), code, true);
     }
 
     /// Applies the acknowledgements received so far.
@@ -173,9 +228,13 @@ impl ConsumerContext for ConsumerCtx {
                     }
                 }
             }
-            // A revoked partition's lag is now another instance's to report.
-            for (topic, partition) in &tps {
-                self.metrics.remove_lag(topic, *partition);
+            // A revoked partition's lag and faults are now another instance's to report.
+            for tp in &tps {
+                self.metrics.remove_lag(&tp.0, tp.1);
+                self.clear_fault(tp);
+                if let Ok(mut s) = self.skipper.lock() {
+                    s.forget(tp);
+                }
             }
             if let Ok(mut t) = self.tracker.lock() {
                 t.revoke(tps);
@@ -226,13 +285,65 @@ impl Drop for CommitResults {
 pub struct ConsumerStage {
     /// Results of asynchronous commits (dropped before `consumer`, which it refers to).
     commit_results: CommitResults,
+    /// A reference to the consumer queue, polled through [`input::poll`] (dropped before
+    /// `consumer` too).
+    events: CommitResults,
     pub consumer: BaseConsumer<ConsumerCtx>,
+    /// What to do with a batch that cannot be read (`kafka.on_unreadable`).
+    on_unreadable: OnUnreadable,
+    /// The last statistics librdkafka emitted, per partition.
+    stats: BTreeMap<TopicPartition, PartitionStats>,
     /// Messages read that did not fit into the full work channel yet.
     stash: VecDeque<Work>,
     commit_every: Duration,
     last_commit: Instant,
-    last_lag: Instant,
+    last_fault_log: Instant,
     pub paused_times: u64,
+}
+
+/// What librdkafka's statistics say about one assigned partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartitionStats {
+    /// The end of what a read_committed consumer can read (last stable offset; the high
+    /// watermark when there are no open transactions).
+    pub end: i64,
+    /// The group's committed offset as librdkafka knows it (-1001: none).
+    pub committed: i64,
+    /// The application's position: one past the last record handed over, past any
+    /// transaction markers after it (-1001: none yet).
+    pub app_offset: i64,
+}
+
+/// Per-partition figures from one statistics JSON document (librdkafka STATISTICS.md):
+/// `topics.T.partitions.P.{ls_offset,hi_offset,committed_offset,app_offset}`; the
+/// pseudo-partition -1 is skipped. Also whether any broker is up.
+pub fn parse_stats(json: &[u8]) -> Option<(BTreeMap<TopicPartition, PartitionStats>, bool)> {
+    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let mut out = BTreeMap::new();
+    for (topic, t) in v.get("topics")?.as_object()? {
+        let Some(parts) = t.get("partitions").and_then(|p| p.as_object()) else { continue };
+        for (p, s) in parts {
+            let Ok(partition) = p.parse::<i32>() else { continue };
+            if partition < 0 {
+                continue;
+            }
+            let num = |k: &str| s.get(k).and_then(serde_json::Value::as_i64).unwrap_or(-1001);
+            let hi = num("hi_offset");
+            let ls = num("ls_offset");
+            let end = if ls >= 0 { ls } else { hi };
+            out.insert(
+                (topic.clone(), partition),
+                PartitionStats { end, committed: num("committed_offset"), app_offset: num("app_offset") },
+            );
+        }
+    }
+    let up = v.get("brokers").and_then(|b| b.as_object()).is_some_and(|b| {
+        b.values().any(|x| {
+            x.get("state").and_then(|s| s.as_str()) == Some("UP")
+                && x.get("nodeid").and_then(serde_json::Value::as_i64).is_some_and(|n| n >= 0)
+        })
+    });
+    Some((out, up))
 }
 
 impl ConsumerStage {
@@ -242,6 +353,7 @@ impl ConsumerStage {
         ctx: ConsumerCtx,
         topics: &[String],
         commit_every: Duration,
+        on_unreadable: OnUnreadable,
     ) -> Result<Self, (String, bool)> {
         let consumer: BaseConsumer<ConsumerCtx> =
             config.create_with_context(ctx).map_err(|e| (format!("consumer: {e}"), false))?;
@@ -253,13 +365,21 @@ impl ConsumerStage {
         if queue.is_null() {
             return Err(("cannot create the commit result queue".into(), false));
         }
+        // SAFETY: a new reference to this client's consumer queue, destroyed before it.
+        let events = unsafe { rdsys::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
+        if events.is_null() {
+            return Err(("the consumer has no consumer queue".into(), false));
+        }
         Ok(Self {
             commit_results: CommitResults(queue),
+            events: CommitResults(events),
             consumer,
+            on_unreadable,
+            stats: BTreeMap::new(),
             stash: VecDeque::new(),
             commit_every,
             last_commit: Instant::now(),
-            last_lag: Instant::now(),
+            last_fault_log: Instant::now(),
             paused_times: 0,
         })
     }
@@ -282,9 +402,17 @@ impl ConsumerStage {
             self.commit_due();
             self.last_commit = Instant::now();
         }
-        if self.last_lag.elapsed() >= Duration::from_secs(5) {
-            self.update_lag();
-            self.last_lag = Instant::now();
+        if self.last_fault_log.elapsed() >= Duration::from_secs(1) {
+            self.last_fault_log = Instant::now();
+            let policy = match self.on_unreadable {
+                OnUnreadable::Block => "nothing past it is committed (kafka.on_unreadable = \"block\")",
+                OnUnreadable::Skip => {
+                    "unreadable batches are skipped and dead-lettered (kafka.on_unreadable = \"skip\")"
+                }
+            };
+            if let Ok(mut f) = self.ctx().input_faults.lock() {
+                f.log_due(policy);
+            }
         }
         let in_flight = self.in_flight();
         let paused = self.ctx().paused.load(Ordering::SeqCst);
@@ -325,28 +453,180 @@ impl ConsumerStage {
             }
         }
         let timeout = Duration::from_millis(if self.ctx().paused.load(Ordering::SeqCst) { 20 } else { 50 });
-        let Some(polled) = self.consumer.poll(timeout) else { return Some(0) };
-        let msg = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("consume error: {e}");
-                return Some(0);
+        let w = match self.poll_event(timeout) {
+            Polled::Nothing => return Some(0),
+            Polled::PartitionError(e) => match self.partition_error(e) {
+                Some(w) => w,
+                None => return Some(0),
+            },
+            Polled::Message(msg) => {
+                let tp = (msg.source.topic.clone(), msg.source.partition);
+                let offset = msg.source.offset;
+                if self.ctx().input_faults.lock().is_ok_and(|f| f.is_blocked(&tp)) {
+                    self.ctx().clear_fault(&tp);
+                }
+                let skipped = self.ctx().skipper.lock().ok().and_then(|mut s| s.readable(&tp, offset));
+                if let Some(range) = skipped {
+                    // The skipped range goes first, so its dead letter precedes the record.
+                    if let Some(w) = self.skipped_work(range) {
+                        self.hand_on(work, w)?;
+                    }
+                }
+                let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, offset));
+                let Some(generation) = generation else { return Some(0) };
+                self.ctx().metrics.record_consumed(&tp.0);
+                Work::from_raw(msg, generation)
             }
         };
-        let tp = (msg.topic().to_string(), msg.partition());
-        let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, msg.offset()));
-        let Some(generation) = generation else { return Some(0) };
-        self.ctx().metrics.record_consumed(msg.topic());
-        let w = Work::from_message(&msg, generation);
-        drop(msg);
+        self.hand_on(work, w)?;
+        Some(1)
+    }
+
+    /// Serves the consumer queue once: callbacks, statistics, and (returned) a message or
+    /// a partition's error.
+    fn poll_event(&mut self, timeout: Duration) -> Polled {
+        self.poll_event_with(timeout, true)
+    }
+
+    /// `follow_position`: whether idle partitions' commit points may follow the position
+    /// (not while draining: messages polled then are dropped undispatched).
+    fn poll_event_with(&mut self, timeout: Duration, follow_position: bool) -> Polled {
+        let mut stats = None;
+        // SAFETY: `events` is a reference to this consumer's queue, alive as long as self.
+        let polled = unsafe {
+            input::poll(&self.consumer, self.events.0, timeout, &mut |json| stats = parse_stats(json))
+        };
+        if let Some((partitions, up)) = stats {
+            self.apply_stats(partitions, up, follow_position);
+        }
+        polled
+    }
+
+    /// Serves callbacks for up to `timeout` without taking messages (partitions are paused
+    /// during a drain; anything still prefetched is not dispatched, so it is re-read).
+    pub fn serve_events(&mut self, timeout: Duration) {
+        let _ = self.poll_event_with(timeout, false);
+    }
+
+    fn hand_on(&mut self, work: &SyncSender<Work>, w: Work) -> Option<()> {
         match work.try_send(w) {
-            Ok(()) => Some(1),
+            Ok(()) => Some(()),
             Err(TrySendError::Full(w)) => {
                 self.stash.push_back(w);
-                Some(1)
+                Some(())
             }
             Err(TrySendError::Disconnected(_)) => None,
         }
+    }
+
+    /// Applies the policy to a partition's error; returns the work item of a skipped
+    /// range when one is finished.
+    fn partition_error(&mut self, e: PartitionError) -> Option<Work> {
+        let code = input::code_label(e.code);
+        let ctx = self.ctx();
+        ctx.metrics.record_input_error(&e.topic, &code);
+        let class = input::classify(e.code);
+        if class == FaultClass::Transient || e.partition < 0 {
+            // librdkafka retries these by itself; said once per problem.
+            super::client_log::error(
+                "consumer",
+                &rdkafka::error::KafkaError::MessageConsumption(e.code),
+                &format!("{}/{} at offset {}: {}", e.topic, e.partition, e.offset, e.reason),
+            );
+            return None;
+        }
+        ctx.report_fault(&e, &code);
+        if class != FaultClass::UnreadableData || self.on_unreadable != OnUnreadable::Skip || e.offset < 0 {
+            return None;
+        }
+        let tp = (e.topic.clone(), e.partition);
+        let assigned = ctx.tracker.lock().is_ok_and(|t| t.is_assigned(&tp));
+        if !assigned {
+            return None;
+        }
+        let (SkipStep::SeekTo(next), finished) = ctx.skipper.lock().ok()?.unreadable(&tp, e.offset);
+        if let Err(err) = self.consumer.seek(&tp.0, tp.1, Offset::Offset(next), Duration::ZERO) {
+            tracing::warn!(topic = %tp.0, partition = tp.1, "seeking past an unreadable batch to {next}: {err}");
+        }
+        finished.and_then(|range| self.skipped_work_with(range, &code, &e.reason))
+    }
+
+    /// The work item for a finished skipped range (its code and reason are the fault's).
+    fn skipped_work(&mut self, range: input::SkippedRange) -> Option<Work> {
+        let (code, reason) = self
+            .ctx()
+            .input_faults
+            .lock()
+            .ok()
+            .and_then(|f| f.fault_of(&range.tp))
+            .unwrap_or_else(|| ("unreadable".to_string(), "the batch could not be read".to_string()));
+        self.skipped_work_with(range, &code, &reason)
+    }
+
+    fn skipped_work_with(&mut self, range: input::SkippedRange, code: &str, reason: &str) -> Option<Work> {
+        let ctx = self.ctx();
+        let count = u64::try_from(range.last - range.first + 1).unwrap_or(0);
+        ctx.metrics.record_skipped_offsets(&range.tp.0, code, count);
+        let generation =
+            ctx.tracker.lock().ok().and_then(|mut t| t.dispatch_range(&range.tp, range.first, range.last))?;
+        tracing::warn!(
+            topic = %range.tp.0,
+            partition = range.tp.1,
+            first = range.first,
+            last = range.last,
+            code,
+            "skipped {count} unreadable offset(s) (kafka.on_unreadable = \"skip\"); a dead letter names them"
+        );
+        Some(Work {
+            source: Source {
+                topic: range.tp.0.clone(),
+                partition: range.tp.1,
+                offset: range.first,
+                timestamp: None,
+            },
+            key: None,
+            payload: Vec::new(),
+            headers: Vec::new(),
+            generation,
+            skipped: Some(Skipped { last: range.last, code: code.to_string(), reason: reason.to_string() }),
+        })
+    }
+
+    /// Lag and reachability from librdkafka's statistics; with nothing pending, the commit
+    /// point follows the application position (past transaction markers).
+    fn apply_stats(&mut self, partitions: BTreeMap<TopicPartition, PartitionStats>, up: bool, follow: bool) {
+        let ctx = self.ctx();
+        let skipping: Vec<TopicPartition> = ctx
+            .skipper
+            .lock()
+            .map(|s| partitions.keys().filter(|tp| s.is_skipping(tp)).cloned().collect())
+            .unwrap_or_default();
+        ctx.broker_up.store(up, Ordering::Relaxed);
+        ctx.metrics.broker_up.set(i64::from(up));
+        let Ok(mut tracker) = ctx.tracker.lock() else { return };
+        for (tp, s) in &partitions {
+            if !tracker.is_assigned(tp) {
+                continue;
+            }
+            // Every record before the position was dispatched (this thread dispatches what
+            // it polls before it polls again), unless a skip is seeking through a range.
+            if follow && s.app_offset >= 0 && !skipping.contains(tp) {
+                tracker.advance_idle(tp, s.app_offset);
+            }
+            // Nothing read from this partition since it was assigned: the group's
+            // committed offset is the reference (a stuck pipeline must show lag).
+            let point = tracker.commit_point(tp).or((s.committed >= 0).then_some(s.committed));
+            if let (Some(point), true) = (point, s.end >= 0) {
+                ctx.metrics.set_lag(&tp.0, tp.1, (s.end - point).max(0));
+            }
+        }
+        drop(tracker);
+        self.stats = partitions;
+    }
+
+    /// The last statistics of a partition (tests and diagnostics).
+    pub fn partition_stats(&self, tp: &TopicPartition) -> Option<PartitionStats> {
+        self.stats.get(tp).copied()
     }
 
     /// Commits the points that moved, asynchronously; they are marked committed when the
@@ -414,11 +694,8 @@ impl ConsumerStage {
                 KafkaError::ConsumerCommit(err.into())
             );
         }
-        if list.is_null() {
-            return;
-        }
         let Ok(mut tracker) = self.ctx().tracker.lock() else { return };
-        let elements = std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0));
+        let elements = input::list_elements(list);
         for e in elements {
             if e.err == ok && e.offset >= 0 && !e.topic.is_null() {
                 let topic = std::ffi::CStr::from_ptr(e.topic).to_string_lossy().into_owned();
@@ -431,7 +708,7 @@ impl ConsumerStage {
 
     /// The last commit of a shutdown: what is acknowledged, waiting at most `within`.
     /// Returns whether every due point was committed.
-    pub fn final_commit(&self, within: Duration) -> bool {
+    pub fn final_commit(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         self.ctx().drain_acks();
         self.commit_due();
@@ -448,49 +725,8 @@ impl ConsumerStage {
                 return false;
             }
             // Keeps the consumer served; partitions are paused, so nothing new arrives.
-            let _ = self.consumer.poll(Duration::from_millis(20));
+            let _ = self.poll_event_with(Duration::from_millis(20), false);
             self.serve_commit_results();
-        }
-    }
-
-    fn update_lag(&self) {
-        let ctx = self.ctx();
-        let assigned = ctx.tracker.lock().map(|t| t.assigned()).unwrap_or_default();
-        let mut reachable = assigned.is_empty();
-        for tp in &assigned {
-            match self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_millis(500)) {
-                Ok((_, high)) => {
-                    reachable = true;
-                    // Nothing read from this partition since it was assigned: the group's
-                    // committed offset is the reference (a stuck pipeline must show lag).
-                    let point = ctx
-                        .tracker
-                        .lock()
-                        .ok()
-                        .and_then(|t| t.commit_point(tp))
-                        .or_else(|| self.group_committed(tp));
-                    if let Some(point) = point {
-                        ctx.metrics.set_lag(&tp.0, tp.1, (high - point).max(0));
-                    }
-                }
-                Err(e) => tracing::debug!("watermarks of {}/{}: {e}", tp.0, tp.1),
-            }
-        }
-        if assigned.is_empty() {
-            reachable = self.consumer.fetch_metadata(None, Duration::from_millis(500)).is_ok();
-        }
-        ctx.broker_up.store(reachable, Ordering::Relaxed);
-        ctx.metrics.broker_up.set(i64::from(reachable));
-    }
-
-    /// The group's committed offset of one partition, if it has one.
-    fn group_committed(&self, tp: &TopicPartition) -> Option<i64> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        let committed = self.consumer.committed_offsets(tpl, Duration::from_millis(500)).ok()?;
-        match committed.find_partition(&tp.0, tp.1)?.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
         }
     }
 }

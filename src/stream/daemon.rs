@@ -32,7 +32,10 @@ use super::consumer::{ConsumerCtx, ConsumerStage, Work};
 use super::kafka::{consumer_config, producer_config};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
-use super::scorer::{decode_worker, BundleScorer, Decoded, DecodedQueue, ItemScorer, ModelInfo, ScoringStage};
+use super::scorer::{
+    decode_worker, default_decoder, BundleScorer, Decoded, DecodedQueue, Decoder, ItemScorer, ModelInfo,
+    ScoringStage,
+};
 use super::supervise::{self, Faults};
 use super::thresholds::Thresholds;
 use crate::config::{Config, ConfigError};
@@ -159,6 +162,18 @@ pub fn run_with_scorer(
     metrics: Arc<Metrics>,
     scorers: Vec<Box<dyn ItemScorer>>,
 ) -> Result<Summary, DaemonError> {
+    run_with_parts(cfg, config_path, control, metrics, scorers, default_decoder())
+}
+
+/// [`run_with_scorer`] with a given image decoder (tests put a panicking one here).
+pub fn run_with_parts(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    control: Control,
+    metrics: Arc<Metrics>,
+    scorers: Vec<Box<dyn ItemScorer>>,
+    decoder: Decoder,
+) -> Result<Summary, DaemonError> {
     cfg.validate()?;
     let model = scorers.first().ok_or_else(|| DaemonError::Model("no scorer".into()))?.model().clone();
     let thresholds =
@@ -191,13 +206,30 @@ pub fn run_with_scorer(
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let ctx = ConsumerCtx::new(tracker.clone(), ack_rx, metrics.clone());
     let commit_every = Duration::from_millis(cfg.kafka.commit_interval_ms);
-    let consumer =
-        ConsumerStage::connect(consumer_config(&cfg.kafka)?, ctx, &cfg.kafka.input_topics, commit_every)
-            .map_err(|(reason, unreachable)| match unreachable {
-                true => DaemonError::Unreachable { brokers: cfg.kafka.brokers.clone(), reason },
-                false => DaemonError::Kafka(reason),
-            })?;
+    let consumer = ConsumerStage::connect(
+        consumer_config(&cfg.kafka)?,
+        ctx,
+        &cfg.kafka.input_topics,
+        commit_every,
+        cfg.kafka.on_unreadable,
+    )
+    .map_err(|(reason, unreachable)| match unreachable {
+        true => DaemonError::Unreachable { brokers: cfg.kafka.brokers.clone(), reason },
+        false => DaemonError::Kafka(reason),
+    })?;
     metrics.broker_up.set(1);
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let inputs =
+        cfg.kafka.input_topics.iter().filter_map(|t| super::topic_watch::InputSpec::parse(t).ok()).collect();
+    let watcher = super::topic_watch::spawn(
+        super::kafka::connection_config(&cfg.kafka)?,
+        inputs,
+        vec![cfg.kafka.output_topic.clone(), cfg.kafka.dead_letter_topic.clone()],
+        consumer.ctx().input_faults.clone(),
+        metrics.clone(),
+        watch_stop.clone(),
+    )
+    .map_err(DaemonError::Thread)?;
 
     let thresholds_text = describe_thresholds(&cfg, &thresholds, &model.calibration);
     let thresholds = Arc::new(RwLock::new(thresholds));
@@ -219,7 +251,8 @@ pub fn run_with_scorer(
             publish: cfg.kafka.publish,
         })
         .collect();
-    let pipeline = start_pipeline(&cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults)?;
+    let pipeline =
+        start_pipeline(&cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults, &decoder)?;
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
         brokers = %cfg.kafka.brokers,
@@ -255,6 +288,8 @@ pub fn run_with_scorer(
     };
     daemon.serve();
     let result = daemon.shutdown();
+    watch_stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
     let _ = http_stop.send(true);
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
@@ -357,6 +392,10 @@ impl Daemon {
         if !self.consumer.ctx().broker_up.load(Ordering::Relaxed) {
             return Some("the brokers do not answer".into());
         }
+        let input = self.consumer.ctx().input_faults.lock().ok().and_then(|f| f.describe());
+        if input.is_some() {
+            return input;
+        }
         if !self.assigned() {
             return Some(format!(
                 "waiting for partition assignment from group {} for {} s",
@@ -372,7 +411,7 @@ impl Daemon {
     /// Stops fetching, drains until the deadline (not after a fault), hard-stops the
     /// output, commits what was acknowledged, and joins what finishes in time.
     fn shutdown(self) -> Result<Summary, DaemonError> {
-        let Daemon { cfg, consumer, pipeline, output, health, faults, counters, mut summary, .. } = self;
+        let Daemon { cfg, mut consumer, pipeline, output, health, faults, counters, mut summary, .. } = self;
         let faulted = faults.any();
         health.set(Some("shutting down".into()));
         tracing::info!("shutting down: draining in-flight messages");
@@ -394,7 +433,7 @@ impl Daemon {
             }
             if draining {
                 // Serves callbacks; partitions are paused, so no new messages arrive.
-                let _ = consumer.consumer.poll(Duration::from_millis(20));
+                consumer.serve_events(Duration::from_millis(20));
             }
         }
         // The hard stop: nothing is produced or retried from here on, and nothing queued
@@ -450,6 +489,7 @@ fn start_pipeline(
     output: &Arc<Output>,
     metrics: &Arc<Metrics>,
     faults: &Arc<Faults>,
+    decoder: &Decoder,
 ) -> Result<Pipeline, DaemonError> {
     let p = &cfg.pipeline;
     let (work_tx, work_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
@@ -458,9 +498,9 @@ fn start_pipeline(
     let mut threads = Vec::new();
     for i in 0..p.decode_workers {
         let (rx, tx, out, m) = (work_rx.clone(), decoded_tx.clone(), output.clone(), metrics.clone());
-        let (pre, limits) = (model.preprocess, p.decode_limits);
+        let (pre, limits, decoder) = (model.preprocess, p.decode_limits, decoder.clone());
         let spawned = supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || {
-            decode_worker(rx, tx, pre, limits, out, m)
+            decode_worker(rx, tx, pre, limits, decoder, out, m)
         });
         threads.push(spawned.map_err(DaemonError::Thread)?);
     }

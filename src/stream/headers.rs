@@ -19,10 +19,18 @@ pub type Header = (Vec<u8>, Option<Vec<u8>>);
 
 /// Every header of a consumed message or a delivery report, in order, byte for byte.
 pub fn read(message: &BorrowedMessage<'_>) -> Vec<Header> {
+    // SAFETY: the message pointer is valid for the borrow.
+    unsafe { read_raw(message.ptr()) }
+}
+
+/// [`read`] for a message librdkafka handed over as a pointer (the consumer's own poll).
+///
+/// # Safety
+/// `message` must point to a valid message that outlives the call.
+pub unsafe fn read_raw(message: *mut rdsys::rd_kafka_message_t) -> Vec<Header> {
     let mut native: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: the message pointer is valid for the borrow; the headers it returns are
-    // owned by the message and only read here, before the borrow ends.
-    let err = unsafe { rdsys::rd_kafka_message_headers(message.ptr(), &mut native) };
+    // SAFETY: the headers the message returns are owned by it and only read here.
+    let err = unsafe { rdsys::rd_kafka_message_headers(message, &mut native) };
     if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
         return Vec::new();
     }

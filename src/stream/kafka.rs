@@ -56,6 +56,13 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("enable.partition.eof", "false")
+        // Only committed records are judged: an aborted transaction's records never
+        // were part of the stream (and librdkafka's default, stated here on purpose).
+        .set("isolation.level", "read_committed")
+        // Lag and broker reachability come from these statistics, so the consumer thread
+        // makes no blocking request of its own (issue #21: per-partition watermark
+        // requests stalled the poll loop with hundreds of partitions).
+        .set("statistics.interval.ms", "5000")
         // Brokers that do not answer a fetch before its maximum wait (tansu) would add up
         // to 500 ms (the default) to every message's latency at low rates.
         .set("fetch.wait.max.ms", "50")

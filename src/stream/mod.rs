@@ -1,5 +1,6 @@
 //! The streaming side, one module per stage of the daemon's data flow:
-//! - [`consumer`]: group membership, rebalances, pause/resume, commits, lag;
+//! - [`consumer`]: group membership, rebalances, pause/resume, commits, lag; what it
+//!   reads, event by event, and the input-side faults ([`input`], [`topic_watch`]);
 //! - [`scorer`]: decode workers, batcher, the [`scorer::ItemScorer`] seam, verdicts;
 //! - [`producer`]: output records, deliveries, retries, dead letters, blocked outputs;
 //! - [`daemon`]: wires the stages, the main loop, faults and shutdown.
@@ -15,6 +16,7 @@ pub mod client_log;
 pub mod consumer;
 pub mod daemon;
 pub mod headers;
+pub mod input;
 pub mod kafka;
 pub mod message;
 pub mod offsets;
@@ -24,4 +26,5 @@ pub mod scorer;
 pub mod supervise;
 pub mod tail;
 pub mod thresholds;
+pub mod topic_watch;
 pub mod topics;

@@ -82,6 +82,30 @@ impl OffsetTracker {
         Some(p.generation)
     }
 
+    /// Records an item that stands for the offsets `first..=last` (a skipped unreadable
+    /// range): its acknowledgement moves the commit point past all of them.
+    pub fn dispatch_range(&mut self, tp: &TopicPartition, first: i64, last: i64) -> Option<u64> {
+        let p = self.partitions.get_mut(tp)?;
+        p.pending.insert(first);
+        p.next = Some(p.next.map_or(last + 1, |n| n.max(last + 1)));
+        Some(p.generation)
+    }
+
+    /// With nothing pending, moves the commit point up to `position` (the consumer's
+    /// position, past records the application never sees, such as transaction markers).
+    /// The caller guarantees that every record before `position` was dispatched.
+    pub fn advance_idle(&mut self, tp: &TopicPartition, position: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            if p.pending.is_empty() && p.next.is_some_and(|n| position > n) {
+                p.next = Some(position);
+            }
+        }
+    }
+
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.partitions.contains_key(tp)
+    }
+
     /// Acknowledges a message's output (or releases work abandoned after a revoke).
     /// Returns false when it belongs to an old generation: it then only leaves the
     /// in-flight count.
@@ -191,6 +215,35 @@ mod tests {
         assert_eq!(t.commit_point(&tp(1)), Some(5));
         assert!(t.ack(&tp(1), 5, new));
         assert_eq!(t.commit_point(&tp(1)), Some(6));
+    }
+
+    #[test]
+    fn an_idle_partition_follows_the_position_past_markers_but_never_past_pending_work() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        t.advance_idle(&tp(0), 7);
+        assert_eq!(t.commit_point(&tp(0)), None, "nothing read yet: the group's commit stands");
+        let g = t.dispatch(&tp(0), 3).unwrap();
+        t.advance_idle(&tp(0), 5);
+        assert_eq!(t.commit_point(&tp(0)), Some(3), "pending work holds the point");
+        t.ack(&tp(0), 3, g);
+        assert_eq!(t.commit_point(&tp(0)), Some(4));
+        // The transaction's commit marker at offset 4: the position is 5.
+        t.advance_idle(&tp(0), 5);
+        assert_eq!(t.commit_point(&tp(0)), Some(5));
+        t.advance_idle(&tp(0), 2);
+        assert_eq!(t.commit_point(&tp(0)), Some(5), "never backwards");
+    }
+
+    #[test]
+    fn a_skipped_range_is_one_item_whose_ack_passes_the_whole_range() {
+        let mut t = OffsetTracker::default();
+        t.assign([tp(0)]);
+        let g = t.dispatch_range(&tp(0), 10, 14).unwrap();
+        assert_eq!(t.commit_point(&tp(0)), Some(10));
+        assert_eq!(t.in_flight(), 1);
+        t.ack(&tp(0), 10, g);
+        assert_eq!(t.commit_point(&tp(0)), Some(15));
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub fn code_name(err: &KafkaError) -> String {
     }
 }
 
-fn snake_case(camel: &str) -> String {
+pub fn snake_case(camel: &str) -> String {
     let mut out = String::with_capacity(camel.len() + 4);
     for (i, c) in camel.chars().enumerate() {
         if c.is_ascii_uppercase() {
@@ -136,73 +136,114 @@ pub fn backoff(attempt: u32, permanent: bool) -> Duration {
     }
 }
 
-struct Block {
+/// One refused record: the error it was refused with and since when.
+struct Refusal {
     code: String,
-    since: Instant,
-    last_log: Option<Instant>,
     reason: String,
+    since: Instant,
 }
 
-/// Output topics that refuse records with a permanent error, and since when.
+/// A refused record: its output topic and the input it answers (one input has at most
+/// one output record in flight).
+type RefusedKey = (String, super::offsets::TopicPartition, i64, u64);
+
+fn refused_key(topic: &str, ack: &Ack) -> RefusedKey {
+    (topic.to_string(), ack.tp.clone(), ack.offset, ack.generation)
+}
+
+/// Records refused with a permanent error, each until its own delivery or release. A
+/// topic is blocked while any of its records is refused, since the oldest one was: one
+/// record refused for good while others to the same topic go through keeps the topic
+/// blocked (its input's partition cannot commit), so the exit timer and the alert fire.
+/// (Before issue #21 the state was per topic and any delivery cleared it: that record
+/// was retried for ever, silently.)
 pub struct OutputBlocks {
-    blocked: Mutex<BTreeMap<String, Block>>,
+    refused: Mutex<BTreeMap<RefusedKey, Refusal>>,
+    /// When each blocked topic was last logged.
+    logged: Mutex<BTreeMap<String, Instant>>,
     metrics: Arc<Metrics>,
 }
 
 impl OutputBlocks {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { blocked: Mutex::new(BTreeMap::new()), metrics }
+        Self { refused: Mutex::new(BTreeMap::new()), logged: Mutex::new(BTreeMap::new()), metrics }
     }
 
-    fn refused(&self, topic: &str, code: &str, reason: &str) {
-        let Ok(mut blocked) = self.blocked.lock() else { return };
-        let entry = blocked.entry(topic.to_string()).or_insert_with(|| Block {
-            code: code.to_string(),
-            since: Instant::now(),
-            last_log: None,
-            reason: reason.to_string(),
-        });
-        if entry.code != code {
-            self.metrics.set_output_blocked(topic, &entry.code, false);
-            entry.code = code.to_string();
-            entry.reason = reason.to_string();
+    fn refused(&self, topic: &str, ack: &Ack, code: &str, reason: &str) {
+        let Ok(mut refused) = self.refused.lock() else { return };
+        let key = refused_key(topic, ack);
+        let since = refused.get(&key).map_or_else(Instant::now, |r| r.since);
+        let old = refused.insert(key, Refusal { code: code.to_string(), reason: reason.to_string(), since });
+        if let Some(old) = old.filter(|o| o.code != code) {
+            self.clear_code_if_unused(&refused, topic, &old.code);
         }
         self.metrics.set_output_blocked(topic, code, true);
     }
 
-    fn delivered(&self, topic: &str) {
-        let Ok(mut blocked) = self.blocked.lock() else { return };
-        if let Some(b) = blocked.remove(topic) {
-            self.metrics.set_output_blocked(topic, &b.code, false);
-            tracing::info!(%topic, "output topic accepts records again after {:.0?}", b.since.elapsed());
+    fn clear_code_if_unused(&self, refused: &BTreeMap<RefusedKey, Refusal>, topic: &str, code: &str) {
+        if !refused.iter().any(|(k, r)| k.0 == topic && r.code == code) {
+            self.metrics.set_output_blocked(topic, code, false);
         }
     }
 
-    /// The topic blocked longest: (topic, code, for how long).
+    /// A record was delivered, or released without delivery (its partition was revoked):
+    /// it no longer holds its topic blocked.
+    fn settled(&self, topic: &str, ack: &Ack) {
+        let Ok(mut refused) = self.refused.lock() else { return };
+        let Some(r) = refused.remove(&refused_key(topic, ack)) else { return };
+        self.clear_code_if_unused(&refused, topic, &r.code);
+        if !refused.keys().any(|k| k.0 == topic) {
+            tracing::info!(%topic, "output topic accepts records again after {:.0?}", r.since.elapsed());
+            if let Ok(mut l) = self.logged.lock() {
+                l.remove(topic);
+            }
+        }
+    }
+
+    /// Refused records now (all topics).
+    pub fn refused_records(&self) -> usize {
+        self.refused.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Per blocked topic: (code, reason, refused records, age of the oldest).
+    fn topics(&self) -> BTreeMap<String, (String, String, usize, Duration)> {
+        let mut out: BTreeMap<String, (String, String, usize, Duration)> = BTreeMap::new();
+        let Ok(refused) = self.refused.lock() else { return out };
+        for (k, r) in refused.iter() {
+            let age = r.since.elapsed();
+            let e = out.entry(k.0.clone()).or_insert_with(|| (r.code.clone(), r.reason.clone(), 0, age));
+            e.2 += 1;
+            if age > e.3 {
+                (e.0, e.1, e.3) = (r.code.clone(), r.reason.clone(), age);
+            }
+        }
+        out
+    }
+
+    /// The topic blocked longest: (topic, code, how long its oldest refused record has been
+    /// refused).
     pub fn longest(&self) -> Option<(String, String, Duration)> {
-        let blocked = self.blocked.lock().ok()?;
-        blocked
-            .iter()
-            .max_by_key(|(_, b)| b.since.elapsed())
-            .map(|(t, b)| (t.clone(), b.code.clone(), b.since.elapsed()))
+        self.topics()
+            .into_iter()
+            .max_by_key(|(_, t)| t.3)
+            .map(|(topic, (code, _, _, age))| (topic, code, age))
     }
 
     /// Logs each blocked topic's reason, at most once a minute.
     pub fn log_periodically(&self, exit_after: Duration) {
-        let Ok(mut blocked) = self.blocked.lock() else { return };
-        for (topic, b) in blocked.iter_mut() {
-            if b.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                b.last_log = Some(Instant::now());
-                tracing::error!(
-                    %topic,
-                    code = %b.code,
-                    "output blocked for {:.0?}: the topic refuses records ({}); inputs stay uncommitted; \
-                     the daemon exits after {:.0?} blocked (kafka.output_blocked_exit_ms)",
-                    b.since.elapsed(),
-                    b.reason,
-                    exit_after
-                );
+        let Ok(mut logged) = self.logged.lock() else { return };
+        for (topic, (code, reason, records, age)) in self.topics() {
+            if logged.get(&topic).is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                continue;
             }
+            logged.insert(topic.clone(), Instant::now());
+            tracing::error!(
+                %topic,
+                %code,
+                records,
+                "output blocked for {age:.0?}: the topic refuses {records} record(s) ({reason}); their inputs \
+                 stay uncommitted; the daemon exits after {exit_after:.0?} blocked (kafka.output_blocked_exit_ms)",
+            );
         }
     }
 }
@@ -246,7 +287,7 @@ impl ProducerContext for ProducerCtx {
         match result {
             Ok(msg) => {
                 self.counters.published.fetch_add(1, Ordering::Relaxed);
-                self.blocks.delivered(msg.topic());
+                self.blocks.settled(msg.topic(), &tag.ack);
                 let _ = self.acks.send(tag.ack);
             }
             Err((err, msg)) => {
@@ -277,7 +318,7 @@ impl ProducerCtx {
                 self.faults.record(format!("delivery to {} failed fatally: {err}", record.topic))
             }
             ErrorClass::Permanent => {
-                self.blocks.refused(&record.topic, &code, &err.to_string());
+                self.blocks.refused(&record.topic, &record.ack, &code, &err.to_string());
                 tracing::debug!(topic = %record.topic, attempt = record.attempt, "refused: {err}");
             }
             ErrorClass::Transient => {
@@ -309,6 +350,7 @@ pub struct Output {
     acks: Sender<Ack>,
     metrics: Arc<Metrics>,
     counters: Arc<Counters>,
+    blocks: Arc<OutputBlocks>,
 }
 
 impl Output {
@@ -328,7 +370,7 @@ impl Output {
             retries: retry_tx,
             metrics: metrics.clone(),
             counters: counters.clone(),
-            blocks,
+            blocks: blocks.clone(),
             faults,
         };
         let producer: KafkaProducer = config.create_with_context(ctx)?;
@@ -339,6 +381,7 @@ impl Output {
             acks,
             metrics,
             counters,
+            blocks,
         };
         Ok((output, retry_rx))
     }
@@ -347,6 +390,13 @@ impl Output {
     /// "flagged"`) is done.
     pub fn done(&self, ack: Ack) {
         let _ = self.acks.send(ack);
+    }
+
+    /// A record given up without delivery (its partition was revoked): released, and no
+    /// longer holding its topic blocked.
+    pub fn release(&self, record: OutputRecord) {
+        self.blocks.settled(&record.topic, &record.ack);
+        self.done(record.ack);
     }
 
     /// Publishes a verdict, or dead-letters its input when the verdict would not fit.
@@ -383,6 +433,25 @@ impl Output {
         if truncated {
             self.metrics.record_dead_letter_truncated(&topic);
         }
+        self.send(record);
+    }
+
+    /// The dead letter of offsets skipped unread (`kafka.on_unreadable = "skip"`): an
+    /// empty value, the range and the consumer's error in headers.
+    pub fn skipped_range(&self, work: Work) {
+        let Some(skipped) = work.skipped.clone() else { return };
+        let topic = work.source.topic.clone();
+        self.metrics.record_dead_letter(&topic, "unreadable");
+        self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+        let first = work.source.offset;
+        let error = format!(
+            "offsets {first}..={} of {topic}/{} could not be read and were skipped ({}): {}",
+            skipped.last, work.source.partition, skipped.code, skipped.reason
+        );
+        let (mut record, _) = dead_letter_record(work, &self.topics, "unreadable", &error);
+        record.headers.push(headers::text("dlsr-skipped-first-offset", first.to_string()));
+        record.headers.push(headers::text("dlsr-skipped-last-offset", skipped.last.to_string()));
+        record.headers.push(headers::text("dlsr-consumer-error-code", skipped.code));
         self.send(record);
     }
 
@@ -544,7 +613,7 @@ impl RetryScheduler {
                 if current {
                     self.output.send(record);
                 } else {
-                    self.output.done(record.ack);
+                    self.output.release(record);
                 }
             }
             self.metrics.retry_queue.set(waiting.len() as i64);
@@ -555,16 +624,18 @@ impl RetryScheduler {
     fn release_revoked(&self, waiting: &mut BTreeMap<(Instant, u64), OutputRecord>) {
         let Ok(tracker) = self.tracker.lock() else { return };
         let mut released = Vec::new();
-        waiting.retain(|_, r| {
-            let current = tracker.is_current(&r.ack.tp, r.ack.generation);
-            if !current {
-                released.push(r.ack.clone());
+        let mut kept = BTreeMap::new();
+        for (k, r) in std::mem::take(waiting) {
+            if tracker.is_current(&r.ack.tp, r.ack.generation) {
+                kept.insert(k, r);
+            } else {
+                released.push(r);
             }
-            current
-        });
+        }
+        *waiting = kept;
         drop(tracker);
-        for ack in released {
-            self.output.done(ack);
+        for record in released {
+            self.output.release(record);
         }
     }
 }
@@ -581,6 +652,7 @@ mod tests {
             payload: (0..value_len).map(|i| (i % 251) as u8).collect(),
             headers: vec![(vec![0xff, 0xfe], Some(vec![7u8; header_len]))],
             generation: 3,
+            skipped: None,
         }
     }
 

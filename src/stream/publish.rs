@@ -114,9 +114,9 @@ impl Publisher {
         match found {
             Ok(_) => Ok(()),
             // A broker that creates topics on first use answers this while it does.
-            Err(TopicError::Metadata { code: rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable, .. }) => {
-                Ok(())
-            }
+            Err(TopicError::Metadata {
+                code: rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable, ..
+            }) => Ok(()),
             Err(TopicError::NoTopic(t)) => Err(PublishError::NoTopic(t)),
             Err(e @ TopicError::Unreachable { .. }) => Err(PublishError::Unreachable(e)),
             Err(e) => Err(PublishError::Topic(e)),
@@ -127,9 +127,9 @@ impl Publisher {
     pub fn check_reachable(&self, brokers: &str, timeout: Duration) -> Result<(), PublishError> {
         let answer = self.producer.client().fetch_metadata(None, timeout);
         self.producer.poll(Duration::ZERO);
-        answer
-            .map(drop)
-            .map_err(|e| PublishError::Unreachable(super::topics::TopicError::unreachable(brokers, timeout, e)))
+        answer.map(drop).map_err(|e| {
+            PublishError::Unreachable(super::topics::TopicError::unreachable(brokers, timeout, e))
+        })
     }
 
     /// Queues one message (waits while the local queue is full).

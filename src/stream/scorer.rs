@@ -170,10 +170,49 @@ pub fn decode_message(
     limits: &crate::data::DecodeLimits,
     pre: &Preprocess,
 ) -> Result<(Tensor, u64), (&'static str, String)> {
-    let image = decode::decode(payload, limits).map_err(|e| (e.code(), e.to_string()))?;
+    decode_message_with(&default_decoder(), payload, limits, pre)
+}
+
+/// Bytes in, RGB image out, under limits: the pure-Rust part of the input chain. A
+/// seam, so a test can put a decoder that panics in the daemon.
+pub type Decoder = Arc<
+    dyn Fn(&[u8], &crate::data::DecodeLimits) -> Result<decode::Image, decode::DecodeError> + Send + Sync,
+>;
+
+/// The image crate's decoders ([`decode::decode`]).
+pub fn default_decoder() -> Decoder {
+    Arc::new(decode::decode)
+}
+
+/// [`decode_message`] with a given decoder. A panic inside the decoder (a bug in a
+/// decoding library, all pure Rust) is caught and becomes the error `decoder_panic`: left
+/// alone it would kill the process, and the restarted daemon would read the same message
+/// and die again, a crash loop from one message. Only the decoder is guarded, never
+/// libtorch (a panic there says the process state is suspect: it is a fault).
+pub fn decode_message_with(
+    decoder: &Decoder,
+    payload: &[u8],
+    limits: &crate::data::DecodeLimits,
+    pre: &Preprocess,
+) -> Result<(Tensor, u64), (&'static str, String)> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder(payload, limits)));
+    let image = match decoded {
+        Ok(result) => result.map_err(|e| (e.code(), e.to_string()))?,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            return Err((DECODER_PANIC, format!("the image decoder panicked: {what}")));
+        }
+    };
     let tensor = pre.apply(&image).map_err(|e| ("preprocess", e.to_string()))?;
     Ok((tensor, pixel_seed(image.width, image.height, &image.rgb)))
 }
+
+/// The dead-letter code of a message whose decoding panicked.
+pub const DECODER_PANIC: &str = "decoder_panic";
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
 /// dead-lettered with their error code.
@@ -182,6 +221,7 @@ pub fn decode_worker(
     tx: SyncSender<Decoded>,
     pre: Preprocess,
     limits: crate::data::DecodeLimits,
+    decoder: Decoder,
     output: Arc<Output>,
     metrics: Arc<Metrics>,
 ) {
@@ -193,9 +233,16 @@ pub fn decode_worker(
             },
             Err(_) => return,
         };
+        if work.skipped.is_some() {
+            output.skipped_range(work);
+            continue;
+        }
         let started = Instant::now();
-        let result = decode_message(&work.payload, &limits, &pre);
+        let result = decode_message_with(&decoder, &work.payload, &limits, &pre);
         metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
+        if matches!(result, Err((DECODER_PANIC, _))) {
+            metrics.decoder_panics.inc();
+        }
         match result {
             Ok((image, seed)) => {
                 if tx.send(Decoded { work, image, seed, decoded_at: Instant::now() }).is_err() {
@@ -252,7 +299,9 @@ impl ScoringStage {
             self.metrics.batch_size.observe(batch.len() as f64);
             let started = Instant::now();
             for d in &batch {
-                self.metrics.batch_wait_seconds.observe(started.saturating_duration_since(d.decoded_at).as_secs_f64());
+                self.metrics
+                    .batch_wait_seconds
+                    .observe(started.saturating_duration_since(d.decoded_at).as_secs_f64());
             }
             let scores = self.score_splitting(&batch);
             self.metrics.inference_seconds.observe(started.elapsed().as_secs_f64());
@@ -392,7 +441,8 @@ mod tests {
         let buckets: std::collections::BTreeSet<i64> = (1..=64).map(batch_bucket).collect();
         assert_eq!(buckets.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64]);
         assert_eq!(batch_bucket(65), 128);
-        let floors: Vec<i64> = [1, 2, 3, 7, 8, 9, 33, 64, 100, 130].into_iter().map(batch_bucket_floor).collect();
+        let floors: Vec<i64> =
+            [1, 2, 3, 7, 8, 9, 33, 64, 100, 130].into_iter().map(batch_bucket_floor).collect();
         assert_eq!(floors, [1, 2, 2, 4, 8, 8, 32, 64, 64, 128]);
         assert!((1..=300).all(|n| batch_bucket(batch_bucket_floor(n)) == batch_bucket_floor(n)));
         assert_eq!(batch_bucket(200), 256);

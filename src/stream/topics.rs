@@ -64,8 +64,9 @@ pub fn partitions<C: ClientContext>(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<i32>, TopicError> {
-    let metadata =
-        client.fetch_metadata(Some(topic), timeout).map_err(|e| TopicError::unreachable(brokers, timeout, e))?;
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| TopicError::unreachable(brokers, timeout, e))?;
     let found = metadata
         .topics()
         .iter()

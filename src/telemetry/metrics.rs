@@ -6,8 +6,8 @@
 
 use crate::model::score::ScoreKind;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -39,6 +39,11 @@ pub struct Metrics {
     pub scoring_splits: IntCounter,
     pub commit_errors: IntCounter,
     pub dead_letters_truncated: IntCounterVec,
+    pub input_blocked: IntGaugeVec,
+    pub skipped_offsets: IntCounterVec,
+    pub input_errors: IntCounterVec,
+    pub decoder_panics: IntCounter,
+    pub in_flight_bytes: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -264,6 +269,41 @@ impl Metrics {
                 "Dead letters whose original value did not fit kafka.message_max_bytes and was cut.",
                 &["topic"],
             ),
+            input_blocked: int_gauge_vec(
+                &r,
+                "dlsr_input_blocked",
+                "1 while an input partition cannot be read past an offset for a reason that will \
+                 not go away by itself (code: a batch that cannot be decompressed or is corrupt, \
+                 an unsupported codec, no authorisation, a topic that does not exist); with \
+                 kafka.on_unreadable = \"block\" nothing past it is committed. partition is \"-\" \
+                 for a topic-wide fault.",
+                &["topic", "partition", "code"],
+            ),
+            skipped_offsets: counter(
+                &r,
+                "dlsr_skipped_offsets_total",
+                "Input offsets skipped unread under kafka.on_unreadable = \"skip\" (each range has a \
+                 dead letter naming it).",
+                &["topic", "code"],
+            ),
+            input_errors: counter(
+                &r,
+                "dlsr_input_errors_total",
+                "Errors the consumer reported for an input partition, by librdkafka error code.",
+                &["topic", "code"],
+            ),
+            decoder_panics: int_counter(
+                &r,
+                "dlsr_decoder_panics_total",
+                "Messages whose decoding or preprocessing panicked (a decoder bug); each is \
+                 dead-lettered with code decoder_panic.",
+            ),
+            in_flight_bytes: int_gauge(
+                &r,
+                "dlsr_in_flight_bytes",
+                "Bytes the pipeline holds for messages in flight (payloads and decoded images), \
+                 bounded by pipeline.in_flight_bytes.",
+            ),
             registry: r,
         }
     }
@@ -309,6 +349,25 @@ impl Metrics {
         } else {
             let _ = self.output_blocked.remove_label_values(&[topic, code]);
         }
+    }
+
+    /// `partition` is None for a topic-wide fault (a topic that does not exist).
+    pub fn set_input_blocked(&self, topic: &str, partition: Option<i32>, code: &str, blocked: bool) {
+        let partition = partition.map_or_else(|| "-".to_string(), |p| p.to_string());
+        let labels = [topic, partition.as_str(), code];
+        if blocked {
+            self.input_blocked.with_label_values(&labels).set(1);
+        } else {
+            let _ = self.input_blocked.remove_label_values(&labels);
+        }
+    }
+
+    pub fn record_input_error(&self, topic: &str, code: &str) {
+        self.input_errors.with_label_values(&[topic, code]).inc();
+    }
+
+    pub fn record_skipped_offsets(&self, topic: &str, code: &str, count: u64) {
+        self.skipped_offsets.with_label_values(&[topic, code]).inc_by(count);
     }
 
     pub fn record_score(&self, topic: &str, kind: ScoreKind, value: f64) {

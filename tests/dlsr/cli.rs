@@ -109,8 +109,19 @@ fn audit_arguments_are_checked_before_any_work() {
     let (ok, _, stderr) = run(&["audit", "--model", "m.safetensors", "--out", "o", "x", "--since", "1h"]);
     assert!(!ok);
     assert!(stderr.contains("--from-topic"), "{stderr}");
-    let (ok, _, stderr) =
-        run(&["audit", "--model", "m", "--out", "o", "--from-topic", "t", "--brokers", "b", "--since", "yesterday"]);
+    let (ok, _, stderr) = run(&[
+        "audit",
+        "--model",
+        "m",
+        "--out",
+        "o",
+        "--from-topic",
+        "t",
+        "--brokers",
+        "b",
+        "--since",
+        "yesterday",
+    ]);
     assert!(!ok);
     assert!(stderr.contains("--since") && stderr.contains("RFC 3339"), "{stderr}");
     let (ok, _, stderr) = run(&["tail", "--brokers", "b", "--from", "last week"]);

@@ -39,7 +39,12 @@ fn folded_encoder_matches_the_unfolded_layers() {
         let weights = asset(variant.default_weights());
         let net = EfficientNetLite::load(variant, &weights, Device::Cpu, Precision::F32).unwrap();
         for size in [64i64, 77, 224] {
-            let pre = Preprocess { size, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE, antialias: true };
+            let pre = Preprocess {
+                size,
+                resize: ResizeMode::Stretch,
+                normalisation: Normalisation::LITE,
+                antialias: true,
+            };
             let batch: Vec<Tensor> = photos[..3]
                 .iter()
                 .map(|(p, _)| {
@@ -56,7 +61,11 @@ fn folded_encoder_matches_the_unfolded_layers() {
                 // Relative to the layer's scale: activations reach tens.
                 let scale = b.abs().max().double_value(&[]).max(1.0);
                 let diff = (a - b).abs().max().double_value(&[]) / scale;
-                assert!(diff < 1e-4, "{} layer {layer} at {size} px: max relative difference {diff}", variant.name());
+                assert!(
+                    diff < 1e-4,
+                    "{} layer {layer} at {size} px: max relative difference {diff}",
+                    variant.name()
+                );
             }
         }
     }
@@ -66,7 +75,8 @@ fn lite0_extractor(size: i64) -> FeatureExtractor {
     let spec: EncoderSpec = "lite0".parse().unwrap();
     asset(LiteVariant::Lite0.default_weights());
     let enc = encoder::load(&spec, None, Device::Cpu, Precision::F32).unwrap();
-    let pre = Preprocess { size, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE, antialias: true };
+    let pre =
+        Preprocess { size, resize: ResizeMode::Stretch, normalisation: Normalisation::LITE, antialias: true };
     FeatureExtractor::new(enc, pre)
 }
 
@@ -123,7 +133,12 @@ fn torchscript_fixture_encoder_returns_standardised_features() {
     let enc = encoder::load(&spec, None, Device::Cpu, Precision::F32).unwrap();
     assert_eq!(enc.identity().layers.len(), 2);
     assert!(enc.identity().name.starts_with("torchscript:"));
-    let pre = Preprocess { size: 32, resize: ResizeMode::Stretch, normalisation: Normalisation::IMAGENET, antialias: true };
+    let pre = Preprocess {
+        size: 32,
+        resize: ResizeMode::Stretch,
+        normalisation: Normalisation::IMAGENET,
+        antialias: true,
+    };
     let extractor = FeatureExtractor::new(enc, pre);
     let images = Tensor::randn([5, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
     let f = extractor.extract(&images).unwrap();

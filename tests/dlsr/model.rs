@@ -107,7 +107,9 @@ fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     let sets_of_layers: Vec<serde_json::Value> = set["mfsim_layer_sets"].as_array().unwrap().clone();
     let over = |layers: &[u64]| -> f64 {
         let wanted: Vec<serde_json::Value> = layers.iter().map(|&l| l.into()).collect();
-        sets_of_layers.iter().find(|s| s["layers"].as_array().unwrap() == &wanted).unwrap()["auroc"].as_f64().unwrap()
+        sets_of_layers.iter().find(|s| s["layers"].as_array().unwrap() == &wanted).unwrap()["auroc"]
+            .as_f64()
+            .unwrap()
     };
     // The default leaves out the two shallowest layers; the report's MFsim is over those.
     assert_eq!(metrics["mfsim_layers"], serde_json::json!([2, 3, 4]));
@@ -139,7 +141,15 @@ fn score_prints_json_lines_and_error_lines() {
     std::fs::copy(&photos[0].0, dir.path().join("photo.jpg")).unwrap();
     std::fs::write(dir.path().join("broken.png"), b"").unwrap();
     let (ok, stdout, stderr) = run(
-        &["score", "--model", f.bundle.to_str().unwrap(), dir.path().to_str().unwrap(), &mnist(), "--limit", "2"],
+        &[
+            "score",
+            "--model",
+            f.bundle.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+            &mnist(),
+            "--limit",
+            "2",
+        ],
         &f.dir.path().join("cache"),
     );
     assert!(ok, "{stderr}");
@@ -151,11 +161,13 @@ fn score_prints_json_lines_and_error_lines() {
     assert!(stderr.contains(&format!("; {flagged} flagged; 1 skipped (empty 1)")), "{stderr}");
     // Several SPECs: every id is the item's path as given, so ids stay unique.
     let given = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let broken = lines.iter().find(|l| l["id"] == given("broken.png").as_str()).expect("an error line for broken.png");
+    let broken =
+        lines.iter().find(|l| l["id"] == given("broken.png").as_str()).expect("an error line for broken.png");
     assert_eq!(broken["code"], "empty");
     assert!(broken["error"].as_str().unwrap().contains("empty"));
     let first_digit = format!("{}#0", mnist());
-    let digit = lines.iter().find(|l| l["id"] == first_digit.as_str()).expect("a verdict for the first digit");
+    let digit =
+        lines.iter().find(|l| l["id"] == first_digit.as_str()).expect("a verdict for the first digit");
     for key in ["score", "threshold", "id_percentile"] {
         assert!(digit[key].is_number(), "{key} in {digit}");
     }
@@ -347,14 +359,16 @@ fn damaged_and_foreign_bundles_are_clear_errors() {
     assert!(stderr.contains("not a dlsr bundle"), "{stderr}");
     // Not safetensors at all: said once, with the path once, and no header arithmetic.
     let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let (ok, _, stderr) = run(&["score", "--model", readme.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    let (ok, _, stderr) =
+        run(&["score", "--model", readme.to_str().unwrap(), &digits, "--limit", "1"], &cache);
     assert!(!ok);
     assert_eq!(stderr.matches("not a dlsr bundle").count(), 1, "{stderr}");
     assert_eq!(stderr.matches("README.md").count(), 1, "{stderr}");
     assert!(!stderr.contains("header length"), "{stderr}");
     // A missing file: the OS error once.
     let missing = dir.path().join("missing.safetensors");
-    let (ok, _, stderr) = run(&["score", "--model", missing.to_str().unwrap(), &digits, "--limit", "1"], &cache);
+    let (ok, _, stderr) =
+        run(&["score", "--model", missing.to_str().unwrap(), &digits, "--limit", "1"], &cache);
     assert!(!ok);
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 

@@ -93,7 +93,10 @@ fn the_pytorch_peer_agrees_with_dlsr_score_to_1e_4() {
         let bytes = std::fs::read(photo).unwrap();
         let image = dlsr::data::decode::decode(&bytes, &dlsr::data::DecodeLimits::default()).unwrap();
         let name = photo.with_extension("png").file_name().unwrap().to_owned();
-        image::RgbImage::from_raw(image.width, image.height, image.rgb).unwrap().save(dir.path().join(name)).unwrap();
+        image::RgbImage::from_raw(image.width, image.height, image.rgb)
+            .unwrap()
+            .save(dir.path().join(name))
+            .unwrap();
     }
 
     // Batch 16 here, 7 in the peer: scores must not depend on the batch either.
@@ -108,8 +111,15 @@ fn the_pytorch_peer_agrees_with_dlsr_score_to_1e_4() {
 
     for tuned in [false, true] {
         let mut cmd = Command::new(&python);
-        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py"))
-            .args(["score", "--bundle", bundle.to_str().unwrap(), "--batch-size", "7", "--threads", "2"]);
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer.py")).args([
+            "score",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--batch-size",
+            "7",
+            "--threads",
+            "2",
+        ]);
         if tuned {
             cmd.arg("--tuned");
         }

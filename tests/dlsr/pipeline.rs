@@ -510,10 +510,8 @@ fn a_non_finite_score_is_dead_lettered_and_never_judged() {
     let messages = grey("nan", 6);
     let bad = messages[2].1.clone();
     produce(&brokers, messages);
-    let daemon = start(
-        config(&brokers, "g-nan"),
-        Behaviour { nan: [seed_of(&bad)].into(), ..Default::default() },
-    );
+    let daemon =
+        start(config(&brokers, "g-nan"), Behaviour { nan: [seed_of(&bad)].into(), ..Default::default() });
     let outputs = Reader::new(&brokers, "r-nan").read(6, Duration::from_secs(60));
     daemon.stop().unwrap();
     let o = outputs.iter().find(|o| o.key == "nan-2").unwrap();

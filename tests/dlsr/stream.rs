@@ -236,7 +236,9 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
     );
     let ood_lines = lines.lines().filter(|l| l.contains(" OOD  ")).collect::<Vec<_>>();
     assert_eq!(ood_lines.len(), ood);
-    assert!(ood_lines.iter().all(|l| l.contains(" mfsim ") && l.contains(" > ") && l.contains("from images/")));
+    assert!(ood_lines
+        .iter()
+        .all(|l| l.contains(" mfsim ") && l.contains(" > ") && l.contains("from images/")));
     let (json, _) = tail(&["--dead-letters", "--json"]);
     let records: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), dead.len());
@@ -276,7 +278,10 @@ fn tail_follows_new_records_starts_at_a_time_and_shows_any_bytes_as_one_line() {
         .to_string()
     };
     let old = verdict("old.png", true);
-    produce_raw(&brokers, &[("dlsr-verdicts", Some(b"old.png"), vec![text("dlsr-verdict", "ood")], old.as_bytes())]);
+    produce_raw(
+        &brokers,
+        &[("dlsr-verdicts", Some(b"old.png"), vec![text("dlsr-verdict", "ood")], old.as_bytes())],
+    );
 
     let mut child = std::process::Command::new(crate::common::dlsr_bin())
         .args(["tail", "--brokers", &brokers, "--follow"])
@@ -292,8 +297,8 @@ fn tail_follows_new_records_starts_at_a_time_and_shows_any_bytes_as_one_line() {
         }
     });
     std::thread::sleep(Duration::from_secs(3)); // assigned and at the end
-    // A dead letter whose key and header key are not clean text, a new verdict, and a
-    // record dlsr did not write.
+                                                // A dead letter whose key and header key are not clean text, a new verdict, and a
+                                                // record dlsr did not write.
     let mut odd_headers = vec![(vec![0xff, 0xfe, b'k'], Some(b"v".to_vec()))];
     odd_headers.extend([
         text("dlsr-error-code", "undecodable"),
@@ -329,7 +334,9 @@ fn tail_follows_new_records_starts_at_a_time_and_shows_any_bytes_as_one_line() {
     assert!(all.contains("ID   new.png  mfsim -0.9800 <= -0.9900"), "{all}");
     assert!(all.contains("?    dlsr-verdicts/0/"), "{all}");
     assert!(
-        stderr.contains("3 records: 1 verdict (0 OOD, 1 ID), 1 dead letter (undecodable 1), 1 not written by dlsr"),
+        stderr.contains(
+            "3 records: 1 verdict (0 OOD, 1 ID), 1 dead letter (undecodable 1), 1 not written by dlsr"
+        ),
         "{stderr}"
     );
 
@@ -421,8 +428,10 @@ fn an_image_scores_the_same_from_an_idx_record_a_png_file_and_a_kafka_message() 
             file_keys.insert(name, item.id);
         }
     }
-    let from_files: BTreeMap<String, f64> =
-        offline_scores(dir.path(), 100).into_iter().map(|(name, score)| (file_keys[&name].clone(), score)).collect();
+    let from_files: BTreeMap<String, f64> = offline_scores(dir.path(), 100)
+        .into_iter()
+        .map(|(name, score)| (file_keys[&name].clone(), score))
+        .collect();
 
     for key in &keys {
         let (k, r, f) = (from_kafka[key], from_records[key], from_files[key]);
@@ -478,8 +487,14 @@ fn sighup_reload_changes_the_verdicts_of_later_messages() {
     // The drift alarm's reference follows the reload: no ID item scores above 10.
     assert!(text.contains("dlsr_threshold_id_fpr{kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
     // ... with its 95% interval from the held-out count: 0 of 300 is 0..1.2%.
-    assert!(text.contains("dlsr_threshold_id_fpr_bound{bound=\"lower\",kind=\"mfsim\",topic=\"images\"} 0\n"), "{text}");
-    assert!(text.contains("dlsr_threshold_id_fpr_bound{bound=\"upper\",kind=\"mfsim\",topic=\"images\"} 0.012"), "{text}");
+    assert!(
+        text.contains("dlsr_threshold_id_fpr_bound{bound=\"lower\",kind=\"mfsim\",topic=\"images\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dlsr_threshold_id_fpr_bound{bound=\"upper\",kind=\"mfsim\",topic=\"images\"} 0.012"),
+        "{text}"
+    );
 }
 
 /// kill -9 while outputs are produced but not yet acknowledged: the broker answers every
@@ -648,7 +663,10 @@ fn bad_configuration_fails_at_start_with_the_reason() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no --config: serving with the built-in defaults and DLSR__* environment"), "{stderr}");
+    assert!(
+        stderr.contains("no --config: serving with the built-in defaults and DLSR__* environment"),
+        "{stderr}"
+    );
     assert!(stderr.contains("/nonexistent/m.safetensors"), "{stderr}");
     // An unknown key from the environment names the variable it came from.
     let out = std::process::Command::new(crate::common::dlsr_bin())
