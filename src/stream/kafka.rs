@@ -63,6 +63,10 @@ pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
         // makes no blocking request of its own (issue #21: per-partition watermark
         // requests stalled the poll loop with hundreds of partitions).
         .set("statistics.interval.ms", "5000")
+        // A subscribed topic that does not exist yet is picked up at the next metadata
+        // refresh: librdkafka's default of 5 minutes would leave a created topic unread
+        // that long (the topic watcher reports it missing meanwhile).
+        .set("topic.metadata.refresh.interval.ms", "10000")
         // Brokers that do not answer a fetch before its maximum wait (tansu) would add up
         // to 500 ms (the default) to every message's latency at low rates.
         .set("fetch.wait.max.ms", "50")

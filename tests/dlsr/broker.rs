@@ -18,13 +18,18 @@ use rdkafka::ClientConfig;
 
 use crate::common::{asset, dlsr_bin, free_port};
 
-struct Tansu {
+pub(crate) struct Tansu {
     child: Child,
-    brokers: String,
+    pub(crate) brokers: String,
 }
 
 impl Tansu {
     fn start() -> Tansu {
+        Self::start_with(&[("images", 3), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)])
+    }
+
+    /// tansu with these topics (name, partitions).
+    pub(crate) fn start_with(topics: &[(&str, i32)]) -> Tansu {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/bin/tansu");
         assert!(bin.exists(), "{} missing: run scripts/fetch-assets.sh", bin.display());
         let port = free_port();
@@ -49,18 +54,20 @@ impl Tansu {
             assert!(started.elapsed() < Duration::from_secs(10), "tansu did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let tansu = Tansu { child, brokers };
+        tansu.create_topics(topics);
+        tansu
+    }
+
+    pub(crate) fn create_topics(&self, topics: &[(&str, i32)]) {
         let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-        let topics = [
-            NewTopic::new("images", 3, TopicReplication::Fixed(1)),
-            NewTopic::new("dlsr-verdicts", 1, TopicReplication::Fixed(1)),
-            NewTopic::new("dlsr-dead-letters", 1, TopicReplication::Fixed(1)),
-        ];
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let topics: Vec<NewTopic> =
+            topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         for r in rt.block_on(admin.create_topics(&topics, &AdminOptions::new())).unwrap() {
             r.unwrap();
         }
-        Tansu { child, brokers }
     }
 }
 

@@ -13,3 +13,4 @@ mod ops;
 mod peer;
 mod pipeline;
 mod stream;
+mod topics;

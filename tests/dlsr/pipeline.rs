@@ -28,7 +28,7 @@ use crate::common::{committed, http_get, mock_cluster as cluster, output_reader,
 
 /// What the stub does besides scoring.
 #[derive(Default, Clone)]
-struct Behaviour {
+pub(crate) struct Behaviour {
     /// Time per batch (a slow device).
     delay: Duration,
     /// A batch holding one of these seeds fails, like a CUDA error on one item.
@@ -48,7 +48,7 @@ struct Stub {
     sizes: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
-fn stub_info() -> ModelInfo {
+pub(crate) fn stub_info() -> ModelInfo {
     let reference: Vec<f64> = (0..=200).map(|i| f64::from(i) / 100.0 - 1.0).collect();
     let cal = calibrate_scores(&reference, 0.05).unwrap();
     ModelInfo {
@@ -102,7 +102,7 @@ impl ItemScorer for Stub {
     }
 }
 
-fn config(brokers: &str, group: &str) -> Config {
+pub(crate) fn config(brokers: &str, group: &str) -> Config {
     let mut cfg = Config::default();
     cfg.kafka.brokers = brokers.to_string();
     cfg.kafka.group_id = group.to_string();
@@ -116,21 +116,21 @@ fn config(brokers: &str, group: &str) -> Config {
     cfg
 }
 
-struct Running {
-    handle: std::thread::JoinHandle<Result<Summary, DaemonError>>,
-    metrics: Arc<Metrics>,
-    control: Control,
+pub(crate) struct Running {
+    pub(crate) handle: std::thread::JoinHandle<Result<Summary, DaemonError>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) control: Control,
     batches: Arc<AtomicUsize>,
     sizes: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 impl Running {
-    fn stop(self) -> Result<Summary, DaemonError> {
+    pub(crate) fn stop(self) -> Result<Summary, DaemonError> {
         self.control.shutdown.store(true, Ordering::Relaxed);
         self.handle.join().expect("the daemon thread itself must not panic")
     }
 
-    fn metric(&self, prefix: &str) -> f64 {
+    pub(crate) fn metric(&self, prefix: &str) -> f64 {
         self.metrics
             .render()
             .lines()
@@ -139,18 +139,28 @@ impl Running {
             .sum()
     }
 
-    fn readyz(&self) -> (u16, String) {
+    pub(crate) fn readyz(&self) -> (u16, String) {
         let addr = self.control.http_addr.lock().ok().and_then(|a| *a);
         addr.and_then(|a| http_get(a, "/readyz").ok()).unwrap_or((0, String::new()))
     }
 }
 
-fn start(cfg: Config, behaviour: Behaviour) -> Running {
+pub(crate) fn start(cfg: Config, behaviour: Behaviour) -> Running {
     start_scorers(cfg, behaviour, 1)
 }
 
 /// The daemon with `scorers` stub scorers side by side (sharing the batch counters).
-fn start_scorers(cfg: Config, behaviour: Behaviour, scorers: usize) -> Running {
+pub(crate) fn start_scorers(cfg: Config, behaviour: Behaviour, scorers: usize) -> Running {
+    start_with_decoder(cfg, behaviour, scorers, dlsr::stream::scorer::default_decoder())
+}
+
+/// [`start_scorers`] with a given image decoder.
+pub(crate) fn start_with_decoder(
+    cfg: Config,
+    behaviour: Behaviour,
+    scorers: usize,
+    decoder: dlsr::stream::scorer::Decoder,
+) -> Running {
     let info = stub_info();
     let metrics = Arc::new(Metrics::new(score_buckets(&info.calibration, &[])));
     let batches = Arc::new(AtomicUsize::new(0));
@@ -168,18 +178,18 @@ fn start_scorers(cfg: Config, behaviour: Behaviour, scorers: usize) -> Running {
         .collect();
     let control = Control::default();
     let (c, m) = (control.clone(), metrics.clone());
-    let handle = std::thread::spawn(move || daemon::run_with_scorer(cfg, None, c, m, stubs));
+    let handle = std::thread::spawn(move || daemon::run_with_parts(cfg, None, c, m, stubs, decoder));
     Running { handle, metrics, control, batches, sizes }
 }
 
 /// A tiny PNG of one grey level (0 black .. 255 white).
 /// The noise seed the daemon gives a message: from its decoded pixels.
-fn seed_of(message: &[u8]) -> u64 {
+pub(crate) fn seed_of(message: &[u8]) -> u64 {
     let image = dlsr::data::decode::decode(message, &Default::default()).unwrap();
     pixel_seed(image.width, image.height, &image.rgb)
 }
 
-fn png(level: u8) -> Vec<u8> {
+pub(crate) fn png(level: u8) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(6, 6, image::Rgb([level; 3]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
@@ -226,7 +236,7 @@ fn produce(brokers: &str, messages: Vec<(String, Vec<u8>, Option<OwnedHeaders>)>
     p.flush(Duration::from_secs(20)).unwrap();
 }
 
-fn grey(prefix: &str, n: usize) -> Vec<(String, Vec<u8>, Option<OwnedHeaders>)> {
+pub(crate) fn grey(prefix: &str, n: usize) -> Vec<(String, Vec<u8>, Option<OwnedHeaders>)> {
     (0..n).map(|i| (format!("{prefix}-{i}"), png((i * 37 % 200) as u8), None)).collect()
 }
 
@@ -651,4 +661,36 @@ fn a_failed_commit_is_tried_again_until_the_broker_confirms_it() {
     let summary = daemon.stop().unwrap();
     assert!(errors >= 1.0, "the refused commits were counted");
     assert!(summary.final_commit_confirmed, "{summary:?}");
+}
+
+/// A decoder that panics on one message (a bug in a decoding library) dead-letters that
+/// message with `decoder_panic` and goes on: before issue #21 the panic killed the
+/// process, and the restarted daemon read the same message and died again.
+#[test]
+fn a_panicking_decoder_dead_letters_its_message_and_the_daemon_goes_on() {
+    let (_cluster, brokers) = cluster();
+    let poison = png(13);
+    let decoder: dlsr::stream::scorer::Decoder = {
+        let poison = poison.clone();
+        Arc::new(move |bytes: &[u8], limits: &dlsr::data::DecodeLimits| {
+            if bytes == poison.as_slice() {
+                panic!("simulated decoder bug");
+            }
+            dlsr::data::decode::decode(bytes, limits)
+        })
+    };
+    let mut messages = grey("ok", 6);
+    messages.insert(3, ("poison".into(), poison, None));
+    produce(&brokers, messages);
+    let daemon = start_with_decoder(config(&brokers, "decoder-panic"), Behaviour::default(), 1, decoder);
+    let outputs = Reader::new(&brokers, "decoder-panic-reader").read(7, Duration::from_secs(30));
+    assert_eq!(outputs.len(), 7, "every message has an output");
+    let dead: Vec<&Output> = outputs.iter().filter(|o| o.topic == "dlsr-dead-letters").collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key, "poison");
+    assert_eq!(headers::find(&dead[0].headers, "dlsr-error-code"), Some(&b"decoder_panic"[..]));
+    let reason = String::from_utf8_lossy(headers::find(&dead[0].headers, "dlsr-error").unwrap()).into_owned();
+    assert!(reason.contains("simulated decoder bug"), "{reason}");
+    assert_eq!(daemon.metric("dlsr_decoder_panics_total"), 1.0);
+    daemon.stop().expect("the run ends normally: a decoder panic is not a fault");
 }
