@@ -150,17 +150,43 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), reason: reason.into() }
 }
 
+/// Pass-through properties whose values are secrets: accepted (dlsr has no setting of
+/// its own for some of them) but never shown in logs, errors or `Debug` output.
+pub const SECRET_PROPERTIES: [&str; 6] = [
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "ssl.key.pem",
+];
+
+/// Whether a pass-through property holds a secret.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.trim().to_ascii_lowercase();
+    SECRET_PROPERTIES.contains(&k.as_str()) || k.contains("password") || k.contains("secret")
+}
+
 /// Pass-through properties that dlsr sets itself, or that would break at-least-once
 /// delivery (a verdict lost, or an input committed before its output was acknowledged).
+/// Keys are compared without case and surrounding space, and librdkafka's aliases count
+/// (`auto.commit.enable` is `enable.auto.commit`), so no spelling gets past.
 fn refuse_property(key: &str, value: &str) -> Result<(), ConfigError> {
     let name = format!("kafka.properties.{key}");
+    let k = key.trim().to_ascii_lowercase();
     let v = value.trim().to_ascii_lowercase();
-    match key {
-        "bootstrap.servers" => Err(invalid(&name, "is set by dlsr itself; use kafka.brokers")),
-        "group.id" => Err(invalid(&name, "is set by dlsr itself; use kafka.group_id")),
+    let own = |what: &str| Err(invalid(&name, format!("is set by dlsr itself; use {what}")));
+    match k.as_str() {
+        "bootstrap.servers" | "metadata.broker.list" => own("kafka.brokers"),
+        "group.id" => own("kafka.group_id"),
+        "group.instance.id" => own("kafka.group_instance_id"),
         "sasl.password" => Err(invalid(&name, "secrets never go in the file; use kafka.security.sasl_password_env")),
-        "message.max.bytes" => Err(invalid(&name, "is set by dlsr itself; use kafka.message_max_bytes")),
-        "enable.auto.commit" | "enable.auto.offset.store" => Err(invalid(
+        "message.max.bytes" => own("kafka.message_max_bytes"),
+        "statistics.interval.ms" => Err(invalid(
+            &name,
+            "is set by dlsr itself: consumer lag and broker reachability come from librdkafka's statistics",
+        )),
+        k if k.starts_with("enable.auto.") || k.starts_with("auto.commit.") => Err(invalid(
             &name,
             "dlsr commits an offset only after the input's output was acknowledged; automatic \
              commits or offset stores would commit unfinished work (at-least-once would break)",
@@ -173,7 +199,59 @@ fn refuse_property(key: &str, value: &str) -> Result<(), ConfigError> {
             &name,
             format!("{value:?} would let a broker failure lose acknowledged outputs; only all (-1) keeps at-least-once"),
         )),
+        "transactional.id" => Err(invalid(
+            &name,
+            "dlsr's producer is idempotent, not transactional: a transactional producer's records stay \
+             invisible to read_committed readers until a commit dlsr never makes",
+        )),
+        "enable.partition.eof" => Err(invalid(
+            &name,
+            "is set by dlsr itself (false): end-of-partition events are not messages and would be taken for input",
+        )),
+        "isolation.level" if v != "read_committed" => Err(invalid(
+            &name,
+            format!("{value:?} would judge records of aborted transactions, which were never part of the stream; dlsr reads read_committed"),
+        )),
+        "group.protocol" => Err(invalid(
+            &name,
+            "dlsr's rebalance handling (cooperative-sticky, a commit before every revoke) is written for \
+             the classic group protocol",
+        )),
+        "partition.assignment.strategy" => Err(invalid(
+            &name,
+            "is set by dlsr itself (cooperative-sticky: only moved partitions are revoked)",
+        )),
         _ => Ok(()),
+    }
+}
+
+/// `[kafka.properties]`: a map whose `Debug` output hides secret values.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k, if is_secret_property(k) { "<redacted>" } else { v.as_str() })),
+            )
+            .finish()
     }
 }
 
@@ -262,7 +340,9 @@ pub struct KafkaConfig {
     pub on_unreadable: OnUnreadable,
     pub security: SecurityConfig,
     /// Other librdkafka properties, passed through to consumer and producer as given.
-    pub properties: BTreeMap<String, String>,
+    /// Values of secret properties (`*password*`, `*secret*`, `sasl.oauthbearer.config`)
+    /// are never logged or shown.
+    pub properties: Properties,
 }
 
 impl Default for KafkaConfig {
@@ -283,7 +363,7 @@ impl Default for KafkaConfig {
             output_blocked_exit_ms: 300_000,
             on_unreadable: OnUnreadable::Block,
             security: SecurityConfig::default(),
-            properties: BTreeMap::new(),
+            properties: Properties::default(),
         }
     }
 }
@@ -455,6 +535,15 @@ impl Default for ShutdownConfig {
 impl Config {
     /// Reads `path` (TOML) with `DLSR__SECTION__KEY` environment overrides and validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// [`Config::load`] with the given environment instead of the process's.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
         let mut builder = config::Config::builder();
         if let Some(p) = path {
             if !p.is_file() {
@@ -462,20 +551,80 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
         }
+        // No `try_parsing`: it turned every value that looks like a number into one, so
+        // DLSR__KAFKA__GROUP_ID=007 joined group "7" (issue #21). Values stay strings;
+        // the typed fields parse them (numbers and booleans from strings work as is).
+        // The one list: split here (the crate's list parsing needs try_parsing).
+        let is_topics = |name: &str| name.eq_ignore_ascii_case("DLSR__KAFKA__INPUT_TOPICS");
         builder = builder.add_source(
             config::Environment::with_prefix("DLSR")
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("kafka.input_topics")
-                .try_parsing(true),
+                .source(Some(env.iter().filter(|(name, _)| !is_topics(name)).cloned().collect())),
         );
+        if let Some((_, topics)) = env.iter().find(|(name, _)| is_topics(name)) {
+            let list: Vec<String> = topics.split(',').map(|t| t.trim().to_string()).collect();
+            builder = builder
+                .set_override("kafka.input_topics", list)
+                .map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
+        }
         let raw = builder.build().map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
         let mut cfg: Config =
             raw.try_deserialize().map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
-        cfg.environment_thresholds_win(std::env::vars().map(|(name, _)| name));
+        cfg.environment_thresholds_win(env.iter().map(|(name, _)| name.clone()));
+        cfg.environment_topic_names_as_written(env.iter().map(|(name, _)| name.as_str()))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The config crate lowercases environment keys, so `DLSR__THRESHOLDS__TOPICS__CAMS__VALUE`
+    /// arrives as topic `cams` even for an input topic named `CAMS` or `Cams`: a
+    /// threshold that would silently never apply. An environment-set topic key that names
+    /// no input topic but matches exactly one input topic apart from case is moved to
+    /// that topic's name as written in `kafka.input_topics`; two such candidates are an
+    /// error naming the variable.
+    fn environment_topic_names_as_written<'a>(
+        &mut self,
+        env_names: impl Iterator<Item = &'a str>,
+    ) -> Result<(), ConfigError> {
+        let mut from_env: Vec<String> = Vec::new();
+        for name in env_names {
+            let upper = name.to_ascii_uppercase();
+            if let Some(rest) = upper.strip_prefix("DLSR__THRESHOLDS__TOPICS__") {
+                if let Some((topic, _)) = rest.rsplit_once("__") {
+                    from_env.push(topic.to_ascii_lowercase());
+                }
+            }
+        }
+        from_env.sort();
+        from_env.dedup();
+        for key in from_env {
+            if self.kafka.input_topics.contains(&key) {
+                continue;
+            }
+            let candidates: Vec<&String> =
+                self.kafka.input_topics.iter().filter(|t| t.to_ascii_lowercase() == key).collect();
+            match candidates.as_slice() {
+                [one] => {
+                    let one = (*one).clone();
+                    if let Some(spec) = self.thresholds.topics.remove(&key) {
+                        self.thresholds.topics.insert(one, spec);
+                    }
+                }
+                [] => {}
+                many => {
+                    return Err(invalid(
+                        &format!("thresholds.topics.{key}"),
+                        format!(
+                            "set from the environment (DLSR__THRESHOLDS__TOPICS__{}__*), whose names have no case; \
+                             it could mean any of the input topics {many:?}: set it in the file instead",
+                            key.to_ascii_uppercase()
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A threshold set in the environment replaces the file's way of setting it: an
@@ -603,7 +752,7 @@ impl Config {
         if k.output_blocked_exit_ms < 1000 {
             return Err(invalid("kafka.output_blocked_exit_ms", "must be at least 1000"));
         }
-        for (key, value) in &k.properties {
+        for (key, value) in k.properties.iter() {
             refuse_property(key, value)?;
         }
         let p = &self.pipeline;
@@ -740,6 +889,65 @@ mod tests {
         assert_eq!(explain_load_error("something else"), "something else");
     }
 
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_values_are_kept_as_written_and_typed_fields_still_parse() {
+        let cfg = Config::load_with_env(
+            None,
+            env(&[
+                ("DLSR__KAFKA__GROUP_ID", "007"),
+                ("DLSR__KAFKA__COMMIT_INTERVAL_MS", "250"),
+                ("DLSR__KAFKA__INPUT_TOPICS", "cams,0042"),
+                ("DLSR__PIPELINE__DECODE_LIMITS__MAX_BYTES", "1000000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.group_id, "007", "not the number 7");
+        assert_eq!(cfg.kafka.commit_interval_ms, 250);
+        assert_eq!(cfg.kafka.input_topics, ["cams", "0042"]);
+        assert_eq!(cfg.pipeline.decode_limits.max_bytes, 1_000_000);
+    }
+
+    #[test]
+    fn a_threshold_for_a_topic_with_capitals_can_be_set_from_the_environment() {
+        let cfg = Config::load_with_env(
+            None,
+            env(&[
+                ("DLSR__KAFKA__INPUT_TOPICS", "Cams,images"),
+                ("DLSR__THRESHOLDS__TOPICS__CAMS__VALUE", "0.5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.thresholds.topics["Cams"].value, Some(0.5));
+        let err = Config::load_with_env(
+            None,
+            env(&[
+                ("DLSR__KAFKA__INPUT_TOPICS", "Cams,CAMS"),
+                ("DLSR__THRESHOLDS__TOPICS__CAMS__VALUE", "0.5"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("thresholds.topics.cams") && err.contains("\"Cams\", \"CAMS\""), "{err}");
+    }
+
+    #[test]
+    fn a_threshold_for_no_input_topic_and_a_pattern_matching_an_output_are_refused() {
+        let err = with("[thresholds.topics.imagse]\nvalue = 1.0\n").unwrap_err().to_string();
+        assert!(err.contains("thresholds.topics.imagse") && err.contains("names no input topic"), "{err}");
+        let err = with("[kafka]\ninput_topics = [\"^img.*\"]\noutput_topic = \"img-verdicts\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.input_topics") && err.contains("img-verdicts"), "{err}");
+        with("[kafka]\ninput_topics = [\"^img-in-.*\"]\noutput_topic = \"img-verdicts\"\n[thresholds.topics.img-in-7]\nvalue = 1.0\n")
+            .unwrap();
+        let err = with("[kafka]\ninput_topics = [\"^img(\"]\n").unwrap_err().to_string();
+        assert!(err.contains("not a valid topic pattern"), "{err}");
+    }
+
     #[test]
     fn a_threshold_from_the_environment_replaces_the_files_way_of_setting_it() {
         let mut cfg =
@@ -780,6 +988,14 @@ mod tests {
             ("enable.auto.commit", "true", "acknowledged"),
             ("enable.auto.offset.store", "true", "acknowledged"),
             ("message.max.bytes", "5000000", "kafka.message_max_bytes"),
+            ("transactional.id", "dlsr-1", "transactional"),
+            ("enable.partition.eof", "true", "end-of-partition"),
+            ("isolation.level", "read_uncommitted", "aborted transactions"),
+            ("group.protocol", "consumer", "classic"),
+            ("Enable.Auto.Commit", "true", "acknowledged"),
+            (" auto.commit.enable", "true", "acknowledged"),
+            ("enable.auto.commit.interval.ms", "100", "acknowledged"),
+            ("statistics.interval.ms", "0", "statistics"),
         ] {
             let err = with(&format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n")).unwrap_err();
             let text = err.to_string();
@@ -787,6 +1003,18 @@ mod tests {
         }
         // What keeps the guarantees is accepted.
         with("[kafka.properties]\nacks = \"all\"\n\"enable.idempotence\" = \"true\"\n").unwrap();
+        with("[kafka.properties]\n\"isolation.level\" = \"read_committed\"\n").unwrap();
+        // Secrets that are accepted never show.
+        let cfg = with(
+            "[kafka.properties]\n\"ssl.key.password\" = \"hunter2\"\n\"sasl.oauthbearer.client.secret\" = \"s3cr3t\"\n\"client.rack\" = \"r1\"\n",
+        )
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(shown.contains("\"r1\""), "other properties are shown: {shown}");
         let err = with("[kafka]\nmessage_max_bytes = 10\n").unwrap_err();
         assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
     }

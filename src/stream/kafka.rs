@@ -41,7 +41,7 @@ pub fn connection_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
 
 /// The user's pass-through properties go last, so they override dlsr's defaults.
 fn with_properties(mut c: ClientConfig, k: &KafkaConfig) -> ClientConfig {
-    for (key, value) in &k.properties {
+    for (key, value) in k.properties.iter() {
         c.set(key, value);
     }
     c

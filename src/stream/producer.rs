@@ -692,6 +692,31 @@ mod tests {
         assert_eq!(headers::find(&r.headers, "dlsr-headers-dropped"), Some(&b"1"[..]));
     }
 
+    /// Issue #21: one record refused for good while others to the same topic are
+    /// delivered kept the topic blocked only until the next delivery, so the exit timer
+    /// and `DlsrOutputBlocked` never fired and that record was retried for ever.
+    #[test]
+    fn one_record_refused_for_good_keeps_its_topic_blocked_while_others_are_delivered() {
+        let metrics = Arc::new(Metrics::new(vec![0.0]));
+        let blocks = OutputBlocks::new(metrics.clone());
+        let ack = |offset| Ack { tp: ("images".into(), 0), offset, generation: 1 };
+        blocks.refused("dl", &ack(5), "message_size_too_large", "too large");
+        std::thread::sleep(Duration::from_millis(20));
+        blocks.refused("dl", &ack(5), "message_size_too_large", "too large");
+        blocks.settled("dl", &ack(6));
+        blocks.settled("dl", &ack(7));
+        let (topic, code, age) = blocks.longest().expect("still blocked by the refused record");
+        assert_eq!((topic.as_str(), code.as_str()), ("dl", "message_size_too_large"));
+        assert!(age >= Duration::from_millis(20), "the oldest refusal's age, not the last one's: {age:?}");
+        assert!(metrics
+            .render()
+            .contains("dlsr_output_blocked{code=\"message_size_too_large\",topic=\"dl\"} 1"));
+        blocks.settled("dl", &ack(5));
+        assert!(blocks.longest().is_none());
+        assert_eq!(blocks.refused_records(), 0);
+        assert!(!metrics.render().contains("dlsr_output_blocked{"), "the series goes with the last refusal");
+    }
+
     #[test]
     fn errors_are_classified_and_backoff_is_bounded() {
         use RDKafkaErrorCode as C;
