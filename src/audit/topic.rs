@@ -206,13 +206,21 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     }
     if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
         if let Ok(n) = s[..s.len() - 1].parse::<u64>() {
-            let secs = match unit {
-                's' => n,
-                'm' => n * 60,
-                'h' => n * 3600,
-                _ => n * 86_400,
+            let unit_secs: u64 = match unit {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                _ => 86_400,
             };
-            return Ok(now_ms - (secs as i64) * 1000);
+            // Checked: `99999999999999999d` overflowed (a panic in debug builds, a wrapped
+            // time in release ones).
+            let ago = n
+                .checked_mul(unit_secs)
+                .and_then(|secs| secs.checked_mul(1000))
+                .and_then(|ms| i64::try_from(ms).ok())
+                .and_then(|ms| now_ms.checked_sub(ms))
+                .filter(|t| *t >= 0);
+            return ago.ok_or_else(|| format!("{s:?} reaches back before 1970"));
         }
     }
     rfc3339_millis(s).ok_or_else(bad)
@@ -230,7 +238,9 @@ fn rfc3339_millis(s: &str) -> Option<i64> {
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
         return None;
     }
-    let mut rest = &s[19..];
+    // `get`, not slicing: a multi-byte character where the time zone should be made
+    // byte-index slicing panic (issue #21).
+    let mut rest = s.get(19..)?;
     let mut millis = 0i64;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
@@ -243,9 +253,13 @@ fn rfc3339_millis(s: &str) -> Option<i64> {
     }
     let offset_min = match rest {
         "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && tz.get(3..4) == Some(":") => {
             let sign = if tz.starts_with('-') { -1 } else { 1 };
-            sign * (tz[1..3].parse::<i64>().ok()? * 60 + tz[4..6].parse::<i64>().ok()?)
+            let (hours, minutes) = (tz.get(1..3)?.parse::<i64>().ok()?, tz.get(4..6)?.parse::<i64>().ok()?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            sign * (hours * 60 + minutes)
         }
         _ => return None,
     };
@@ -273,5 +287,22 @@ mod tests {
         for bad in ["yesterday", "2026-13-01T00:00:00Z", "2026-11-26 22:00", "5w", ""] {
             assert!(parse_time(bad, 0).is_err(), "{bad}");
         }
+    }
+
+    /// Issue #21: a multi-byte character in the time zone and a duration too long for
+    /// the clock panicked; both are errors now.
+    #[test]
+    fn strange_times_are_errors_not_panics() {
+        for bad in [
+            "2026-11-26T22:00:00+€00",
+            "2026-11-26T22:00:0€Z",
+            "2026-11-26T22:00:00€",
+            "2026-11-26T22:00:00+99:00",
+        ] {
+            assert!(parse_time(bad, 0).is_err(), "{bad}");
+        }
+        let err = parse_time("99999999999999999d", 1_795_730_400_000).unwrap_err();
+        assert!(err.contains("before 1970"), "{err}");
+        assert!(parse_time("18446744073709551615s", 1_795_730_400_000).is_err());
     }
 }

@@ -115,6 +115,14 @@ impl ItemScorer for BundleScorer {
     }
 }
 
+/// Seconds from a message's timestamp to `now_ms`; None for a timestamp in the future
+/// (a producer's skewed clock: a 0 would pull the latency histogram down) or one so far
+/// in the past that the difference overflows (a producer that wrote garbage).
+pub fn end_to_end_seconds(now_ms: i64, timestamp_ms: Option<i64>) -> Option<f64> {
+    let elapsed = now_ms.checked_sub(timestamp_ms?)?;
+    (elapsed >= 0).then(|| elapsed as f64 / 1000.0)
+}
+
 /// The largest encoder batch size ([`batch_bucket`]) not above `items`.
 pub fn batch_bucket_floor(items: i64) -> i64 {
     if items <= 64 {
@@ -417,9 +425,8 @@ impl ScoringStage {
         if verdict.is_ood {
             self.counters.flagged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(ts) = work.source.timestamp {
-            let now = super::message::now_millis();
-            m.record_end_to_end(&topic, ((now - ts).max(0) as f64) / 1000.0);
+        if let Some(seconds) = end_to_end_seconds(super::message::now_millis(), work.source.timestamp) {
+            m.record_end_to_end(&topic, seconds);
         }
         if !(verdict.is_ood || self.publish == Publish::All) {
             return self.output.done(work.ack());
@@ -435,6 +442,16 @@ impl ScoringStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #21: a timestamp in the future, or i64::MIN, from a producer; the
+    /// subtraction overflowed on the latter.
+    #[test]
+    fn message_timestamps_from_the_future_or_garbage_give_no_latency() {
+        assert_eq!(end_to_end_seconds(10_000, Some(7_500)), Some(2.5));
+        assert_eq!(end_to_end_seconds(10_000, Some(20_000)), None);
+        assert_eq!(end_to_end_seconds(10_000, Some(i64::MIN)), None);
+        assert_eq!(end_to_end_seconds(10_000, None), None);
+    }
 
     #[test]
     fn batches_are_padded_to_a_few_shapes() {

@@ -130,18 +130,25 @@ pub fn classify(record: &Record) -> Kind {
     }
 }
 
-/// Text with control characters (newlines, escapes, NULs) shown as escapes, so one
-/// record stays one line and cannot drive the terminal.
+/// Text with control characters (newlines, escapes, NULs) and Unicode's invisible
+/// formatting characters shown as escapes, so one record stays one line, cannot drive
+/// the terminal, and cannot reorder what a person reads: bidirectional overrides and
+/// isolates (U+202A..U+202E, U+2066..U+2069, the "Trojan Source" characters), marks,
+/// zero-width characters and the BOM.
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if c.is_control() || is_invisible_format(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{061C}' | '\u{FEFF}')
 }
 
 /// The record's key as an item id: UTF-8 text, or `topic/partition/offset` of `source`.
@@ -179,7 +186,7 @@ pub fn human_line(record: &Record, kind: &Kind, colour: bool) -> String {
                 line,
                 "{label} {}  {} {:.4} {relation} {:.4}, above {:.1}% of ID  from {}/{}@{}",
                 printable(&v.id),
-                v.score_kind,
+                printable(&v.score_kind),
                 v.score,
                 v.threshold,
                 v.id_percentile,
@@ -534,5 +541,19 @@ mod tests {
         let mut tally = Tally::default();
         tally.add(&kind);
         assert!(tally.to_string().ends_with(", 1 not written by dlsr"));
+    }
+
+    /// Issue #21: `score_kind` went to the terminal unescaped, and bidirectional controls
+    /// in keys passed through (they reorder what a person reads).
+    #[test]
+    fn a_verdict_from_someone_else_cannot_drive_or_reorder_the_terminal() {
+        let value = "{\"id\":\"a\u{202E}gnp.exe\",\"source\":{\"topic\":\"images\",\"partition\":1,\"offset\":17,\"timestamp\":null},\
+            \"score\":1.0,\"score_kind\":\"mfsim\\u001b[2J\",\"threshold\":0.5,\"is_ood\":true,\"id_percentile\":99.8}";
+        let r = record(vec![headers::text("dlsr-verdict", "ood")], value.as_bytes());
+        let kind = classify(&r);
+        let line = human_line(&r, &kind, false);
+        assert!(!line.contains('\u{1b}') && !line.contains('\u{202E}'), "{line:?}");
+        assert!(line.contains("a\\u{202e}gnp.exe") && line.contains("mfsim\\u{1b}[2J"), "{line}");
+        assert_eq!(printable("cam\u{2066}1\u{200B}"), "cam\\u{2066}1\\u{200b}");
     }
 }
