@@ -19,6 +19,9 @@
 #                                env: SIZE (input px, 64), N (messages per batch, 10000),
 #                                MEM_CHUNKS (more batches for the memory curve, 9),
 #                                FIT_LIMIT (training images, 5000)
+#   scripts/benchmark.sh memory  peak resident memory with large images (6000x6000 PNGs,
+#                                12 MP JPEGs) through the daemon and `dlsr score`
+#                                (scripts/memory_check.py; needs scripts/setup-peer.sh)
 # Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
 # Results land in runs/bench-<mode>/; each run prints a summary table.
 set -euo pipefail
@@ -119,6 +122,9 @@ PY
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-5000}" --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
     { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
     python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md" ;;
+  memory)
+    "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-2000}" --epochs 2 --out "$OUT/m.safetensors" "$@" >/dev/null
+    "$DEPS_DIR/peer-venv/bin/python" scripts/memory_check.py "$BIN" "$PWD/$OUT/m.safetensors" "$OUT/sets" | tee "$OUT/summary.md" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 echo; echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

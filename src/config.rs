@@ -444,6 +444,13 @@ pub struct PipelineConfig {
     /// Most messages between consumption and acknowledged output; the consumer pauses
     /// its partitions at this limit instead of buffering more.
     pub in_flight_limit: usize,
+    /// Most bytes the pipeline holds in flight, in two halves: message payloads between
+    /// consumption and output (the consumer pauses past half) and images being decoded
+    /// (a decode waits while the others' images fill the other half; an image larger
+    /// than the half still decodes, alone). The default, 512 MiB, is sized for a 2 GB
+    /// container: with the CPU Lite0 model (about 300 MB) and librdkafka's queues, a
+    /// stream of 36-megapixel PNGs peaks under 1 GB.
+    pub in_flight_bytes: u64,
     /// Threads decoding and preprocessing images.
     pub decode_workers: usize,
     /// Scorer threads, each with its own model and, when more than one, a share of the
@@ -460,6 +467,7 @@ impl Default for PipelineConfig {
             batch_max_size: 64,
             batch_max_wait_ms: 0,
             in_flight_limit: 512,
+            in_flight_bytes: 512 << 20,
             decode_workers: 2,
             scorer_workers: 0,
             decode_limits: DecodeLimits::default(),
@@ -761,6 +769,12 @@ impl Config {
         }
         if p.in_flight_limit < p.batch_max_size {
             return Err(invalid("pipeline.in_flight_limit", "must be at least pipeline.batch_max_size"));
+        }
+        if p.in_flight_bytes < 16 << 20 {
+            return Err(invalid("pipeline.in_flight_bytes", "must be at least 16777216 (16 MiB)"));
+        }
+        if !(p.decode_limits.max_aspect_ratio >= 1.0) {
+            return Err(invalid("pipeline.decode_limits.max_aspect_ratio", "must be at least 1"));
         }
         if p.decode_workers == 0 || p.decode_workers > 64 {
             return Err(invalid("pipeline.decode_workers", "must be in 1..=64"));

@@ -22,11 +22,21 @@ pub struct DecodeLimits {
     pub max_height: u32,
     /// Largest accepted width x height.
     pub max_pixels: u64,
+    /// Largest accepted ratio of the longer side to the shorter (a 1 x 16384 strip
+    /// stretched to the encoder's square is nothing it has seen); over it the item is
+    /// dead-lettered with code `aspect_ratio`.
+    pub max_aspect_ratio: f64,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_bytes: 32 << 20, max_width: 16_384, max_height: 16_384, max_pixels: 40_000_000 }
+        Self {
+            max_bytes: 32 << 20,
+            max_width: 16_384,
+            max_height: 16_384,
+            max_pixels: 40_000_000,
+            max_aspect_ratio: 32.0,
+        }
     }
 }
 
@@ -46,6 +56,8 @@ pub enum DecodeError {
     TooManyBytes { len: u64, max: u64 },
     #[error("{width}x{height} pixels is over the limits ({limits})")]
     TooLarge { width: u32, height: u32, limits: String },
+    #[error("{width}x{height} pixels has an aspect ratio of {ratio:.1}, over max_aspect_ratio = {max}")]
+    AspectRatio { width: u32, height: u32, ratio: f64, max: f64 },
     #[error("unsupported or unrecognised image format{0}")]
     UnsupportedFormat(String),
     #[error("undecodable {format} data: {reason}")]
@@ -58,6 +70,7 @@ impl DecodeError {
         match self {
             Self::Empty => "empty",
             Self::TooManyBytes { .. } | Self::TooLarge { .. } => "too_large",
+            Self::AspectRatio { .. } => "aspect_ratio",
             Self::UnsupportedFormat(_) => "unsupported_format",
             Self::Undecodable { .. } => "undecodable",
         }
@@ -106,6 +119,10 @@ impl DecodeLimits {
                 limits: format!("max {}x{}, {} pixels", self.max_width, self.max_height, self.max_pixels),
             });
         }
+        let ratio = f64::from(width.max(height)) / f64::from(width.min(height));
+        if ratio > self.max_aspect_ratio {
+            return Err(DecodeError::AspectRatio { width, height, ratio, max: self.max_aspect_ratio });
+        }
         Ok(())
     }
 
@@ -119,8 +136,39 @@ impl DecodeLimits {
     }
 }
 
-/// Decodes `bytes` to RGB under `limits`.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Image, DecodeError> {
+/// Bytes a decode of a `width x height` image may hold at its peak: the decoder's own
+/// buffer (up to 4 bytes a pixel for 8-bit RGBA) and the RGB copy (3), plus the banded
+/// resize's float buffers (small beside them). What the daemon's decode budget counts.
+pub fn decode_bytes(width: u32, height: u32) -> u64 {
+    u64::from(width) * u64::from(height) * 7 + (1 << 20)
+}
+
+/// The dimensions from the header alone, checked against the limits: no pixel is
+/// decoded. (A format not recognised or a header that cannot be read gives the same
+/// error [`decode`] would.)
+pub fn dimensions(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32), DecodeError> {
+    header(bytes, limits).map(|(_, width, height)| (width, height))
+}
+
+fn header(bytes: &[u8], limits: &DecodeLimits) -> Result<(ImageFormat, u32, u32), DecodeError> {
+    let format = check_bytes(bytes, limits)?;
+    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
+    header.limits(limits.reader_limits());
+    let (width, height) = header.into_dimensions().map_err(|e| undecodable(format, e))?;
+    limits.check_dimensions(width, height)?;
+    Ok((format, width, height))
+}
+
+fn undecodable(format: ImageFormat, e: image::ImageError) -> DecodeError {
+    match e {
+        image::ImageError::Limits(l) => {
+            DecodeError::TooLarge { width: 0, height: 0, limits: format!("decoder limit: {l}") }
+        }
+        other => DecodeError::Undecodable { format: format_name(format), reason: other.to_string() },
+    }
+}
+
+fn check_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<ImageFormat, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -128,29 +176,21 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Image, DecodeError>
     if len > limits.max_bytes {
         return Err(DecodeError::TooManyBytes { len, max: limits.max_bytes });
     }
-    let format = sniff_format(bytes).ok_or_else(|| {
+    sniff_format(bytes).ok_or_else(|| {
         let hint = match image::guess_format(bytes) {
             Ok(other) => format!(" ({other:?} is not accepted)"),
             Err(_) => String::new(),
         };
         DecodeError::UnsupportedFormat(hint)
-    })?;
-    let name = format_name(format);
-    let undecodable = |e: image::ImageError| match e {
-        image::ImageError::Limits(l) => {
-            DecodeError::TooLarge { width: 0, height: 0, limits: format!("decoder limit: {l}") }
-        }
-        other => DecodeError::Undecodable { format: name, reason: other.to_string() },
-    };
+    })
+}
 
-    let mut header = ImageReader::with_format(Cursor::new(bytes), format);
-    header.limits(limits.reader_limits());
-    let (width, height) = header.into_dimensions().map_err(undecodable)?;
-    limits.check_dimensions(width, height)?;
-
+/// Decodes `bytes` to RGB under `limits`.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Image, DecodeError> {
+    let (format, _, _) = header(bytes, limits)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits.reader_limits());
-    let decoded = reader.decode().map_err(undecodable)?;
+    let decoded = reader.decode().map_err(|e| undecodable(format, e))?;
     let rgb = decoded.into_rgb8();
     Ok(Image { width: rgb.width(), height: rgb.height(), rgb: rgb.into_raw() })
 }
@@ -177,6 +217,18 @@ mod tests {
     fn byte_limit_is_checked_before_sniffing() {
         let limits = DecodeLimits { max_bytes: 10, ..Default::default() };
         assert!(matches!(decode(&png(5, 3), &limits), Err(DecodeError::TooManyBytes { .. })));
+    }
+
+    #[test]
+    fn a_strip_over_the_aspect_ratio_limit_has_its_own_code() {
+        let err = decode(&png(200, 2), &DecodeLimits::default()).unwrap_err();
+        assert_eq!(err.code(), "aspect_ratio");
+        assert!(err.to_string().contains("200x2") && err.to_string().contains("100.0"), "{err}");
+        assert_eq!(dimensions(&png(64, 2), &DecodeLimits::default()).unwrap(), (64, 2));
+        assert_eq!(
+            dimensions(b"not an image", &DecodeLimits::default()).unwrap_err().code(),
+            "unsupported_format"
+        );
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct Work {
     pub generation: u64,
     /// Set when this item stands for offsets that could not be read (skip policy).
     pub skipped: Option<Skipped>,
+    /// Its bytes in the in-flight budget, given back when the item is dropped.
+    pub held: super::budget::Held,
 }
 
 impl Work {
@@ -87,8 +89,9 @@ impl Work {
         item_id(self.key.as_deref(), &self.source)
     }
 
-    fn from_raw(msg: RawMessage, generation: u64) -> Self {
+    fn from_raw(msg: RawMessage, generation: u64, held: super::budget::Held) -> Self {
         Work {
+            held,
             source: msg.source,
             key: msg.key,
             payload: msg.payload,
@@ -291,6 +294,9 @@ pub struct ConsumerStage {
     pub consumer: BaseConsumer<ConsumerCtx>,
     /// What to do with a batch that cannot be read (`kafka.on_unreadable`).
     on_unreadable: OnUnreadable,
+    /// Payload bytes of the items in flight, and where the consumer pauses.
+    pub payloads: Arc<super::budget::PayloadBytes>,
+    payload_limit: u64,
     /// The last statistics librdkafka emitted, per partition.
     stats: BTreeMap<TopicPartition, PartitionStats>,
     /// Messages read that did not fit into the full work channel yet.
@@ -354,6 +360,7 @@ impl ConsumerStage {
         topics: &[String],
         commit_every: Duration,
         on_unreadable: OnUnreadable,
+        payload_limit: u64,
     ) -> Result<Self, (String, bool)> {
         let consumer: BaseConsumer<ConsumerCtx> =
             config.create_with_context(ctx).map_err(|e| (format!("consumer: {e}"), false))?;
@@ -375,6 +382,8 @@ impl ConsumerStage {
             events: CommitResults(events),
             consumer,
             on_unreadable,
+            payloads: Arc::default(),
+            payload_limit,
             stats: BTreeMap::new(),
             stash: VecDeque::new(),
             commit_every,
@@ -416,11 +425,16 @@ impl ConsumerStage {
         }
         let in_flight = self.in_flight();
         let paused = self.ctx().paused.load(Ordering::SeqCst);
-        if !paused && (in_flight >= limit || !self.stash.is_empty()) {
+        let bytes = self.payloads.held();
+        if !paused && (in_flight >= limit || bytes >= self.payload_limit || !self.stash.is_empty()) {
             self.set_paused(true);
             self.paused_times += 1;
             tracing::debug!(in_flight, "back-pressure: consumer paused");
-        } else if paused && in_flight <= limit * 3 / 4 && self.stash.is_empty() {
+        } else if paused
+            && in_flight <= limit * 3 / 4
+            && bytes <= self.payload_limit / 4 * 3
+            && self.stash.is_empty()
+        {
             self.set_paused(false);
         }
         in_flight
@@ -475,7 +489,10 @@ impl ConsumerStage {
                 let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, offset));
                 let Some(generation) = generation else { return Some(0) };
                 self.ctx().metrics.record_consumed(&tp.0);
-                Work::from_raw(msg, generation)
+                let bytes = msg.payload.len() + msg.key.as_ref().map_or(0, Vec::len);
+                let held =
+                    self.payloads.hold(bytes as u64 + super::headers::payload_len(&msg.headers) as u64);
+                Work::from_raw(msg, generation, held)
             }
         };
         self.hand_on(work, w)?;
@@ -589,6 +606,7 @@ impl ConsumerStage {
             headers: Vec::new(),
             generation,
             skipped: Some(Skipped { last: range.last, code: code.to_string(), reason: reason.to_string() }),
+            held: super::budget::Held::none(),
         })
     }
 

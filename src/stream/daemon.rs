@@ -28,13 +28,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::{Producer, PurgeConfig};
 
+use super::budget::DecodeBudget;
 use super::consumer::{ConsumerCtx, ConsumerStage, Work};
 use super::kafka::{consumer_config, producer_config};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
 use super::scorer::{
-    decode_worker, default_decoder, BundleScorer, Decoded, DecodedQueue, Decoder, ItemScorer, ModelInfo,
-    ScoringStage,
+    decode_worker, default_decoder, BundleScorer, Decoded, DecodedQueue, Decoder, InputChain, ItemScorer,
+    ModelInfo, ScoringStage,
 };
 use super::supervise::{self, Faults};
 use super::thresholds::Thresholds;
@@ -145,6 +146,8 @@ struct Daemon {
     health: Arc<Health>,
     /// Output topics refusing records, and since when.
     blocks: Arc<OutputBlocks>,
+    /// Bytes of the images being decoded (the in-flight gauge adds the payloads).
+    budget: Arc<DecodeBudget>,
     /// The first fault of the run, if any.
     faults: Arc<Faults>,
     counters: Arc<Counters>,
@@ -212,6 +215,7 @@ pub fn run_with_parts(
         &cfg.kafka.input_topics,
         commit_every,
         cfg.kafka.on_unreadable,
+        cfg.pipeline.in_flight_bytes / 2,
     )
     .map_err(|(reason, unreachable)| match unreachable {
         true => DaemonError::Unreachable { brokers: cfg.kafka.brokers.clone(), reason },
@@ -251,8 +255,10 @@ pub fn run_with_parts(
             publish: cfg.kafka.publish,
         })
         .collect();
-    let pipeline =
-        start_pipeline(&cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults, &decoder)?;
+    let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
+    let pipeline = start_pipeline(
+        &cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
+    )?;
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
         brokers = %cfg.kafka.brokers,
@@ -280,6 +286,7 @@ pub fn run_with_parts(
         metrics,
         health,
         blocks,
+        budget,
         faults,
         counters,
         summary: Summary::default(),
@@ -309,6 +316,8 @@ impl Daemon {
             }
             let in_flight = self.consumer.tick(limit);
             self.metrics.in_flight.set(in_flight as i64);
+            let bytes = self.consumer.payloads.held() + self.budget.used();
+            self.metrics.in_flight_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             self.summary.max_in_flight = self.summary.max_in_flight.max(in_flight);
             if last_housekeeping.elapsed() >= Duration::from_millis(250) {
                 last_housekeeping = Instant::now();
@@ -490,17 +499,24 @@ fn start_pipeline(
     metrics: &Arc<Metrics>,
     faults: &Arc<Faults>,
     decoder: &Decoder,
+    budget: &Arc<DecodeBudget>,
 ) -> Result<Pipeline, DaemonError> {
     let p = &cfg.pipeline;
     let (work_tx, work_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
     let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Decoded>(p.batch_max_size * 2);
     let work_rx = Arc::new(Mutex::new(work_rx));
     let mut threads = Vec::new();
+    let chain = InputChain {
+        preprocess: model.preprocess,
+        limits: p.decode_limits,
+        decoder: decoder.clone(),
+        budget: budget.clone(),
+    };
     for i in 0..p.decode_workers {
         let (rx, tx, out, m) = (work_rx.clone(), decoded_tx.clone(), output.clone(), metrics.clone());
-        let (pre, limits, decoder) = (model.preprocess, p.decode_limits, decoder.clone());
+        let chain = chain.clone();
         let spawned = supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || {
-            decode_worker(rx, tx, pre, limits, decoder, out, m)
+            decode_worker(rx, tx, chain, out, m)
         });
         threads.push(spawned.map_err(DaemonError::Thread)?);
     }

@@ -12,6 +12,7 @@
 //! and backfills ([`publish`]) what the brokers say about a topic ([`topics`]) and
 //! reading the outputs back for people ([`tail`]).
 
+pub mod budget;
 pub mod client_log;
 pub mod consumer;
 pub mod daemon;

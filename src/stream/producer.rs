@@ -653,6 +653,7 @@ mod tests {
             headers: vec![(vec![0xff, 0xfe], Some(vec![7u8; header_len]))],
             generation: 3,
             skipped: None,
+            held: crate::stream::budget::Held::none(),
         }
     }
 

@@ -224,15 +224,24 @@ pub const DECODER_PANIC: &str = "decoder_panic";
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
 /// dead-lettered with their error code.
+/// What a decode worker turns bytes into tensors with.
+#[derive(Clone)]
+pub struct InputChain {
+    pub preprocess: Preprocess,
+    pub limits: crate::data::DecodeLimits,
+    pub decoder: Decoder,
+    /// Shared by the decode workers: bytes of images being decoded.
+    pub budget: Arc<super::budget::DecodeBudget>,
+}
+
 pub fn decode_worker(
     rx: Arc<Mutex<Receiver<Work>>>,
     tx: SyncSender<Decoded>,
-    pre: Preprocess,
-    limits: crate::data::DecodeLimits,
-    decoder: Decoder,
+    chain: InputChain,
     output: Arc<Output>,
     metrics: Arc<Metrics>,
 ) {
+    let InputChain { preprocess: pre, limits, decoder, budget } = chain;
     loop {
         let work = match rx.lock() {
             Ok(r) => match r.recv() {
@@ -246,7 +255,13 @@ pub fn decode_worker(
             continue;
         }
         let started = Instant::now();
+        // Reserve the image's peak bytes before decoding it (dimensions from its header);
+        // a header the limits refuse is dead-lettered by the decode below.
+        let header = std::panic::catch_unwind(|| decode::dimensions(&work.payload, &limits));
+        let reservation =
+            header.ok().and_then(Result::ok).map(|(w, h)| budget.reserve(decode::decode_bytes(w, h)));
         let result = decode_message_with(&decoder, &work.payload, &limits, &pre);
+        drop(reservation);
         metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
         if matches!(result, Err((DECODER_PANIC, _))) {
             metrics.decoder_panics.inc();
