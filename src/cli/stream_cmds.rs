@@ -104,7 +104,7 @@ pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
     if let Some(p) = args.partitions {
         // Reachable first, so a wrong address gets that message, not a topic error.
         publisher.check_reachable(&args.brokers, timeout)?;
-        crate::stream::publish::ensure_topic(&args.brokers, &args.topic, p)?;
+        crate::stream::publish::ensure_topic(&args.brokers, &args.topic, p, &args.properties)?;
     }
     publisher.check(&args.brokers, &args.topic, timeout)?;
     let mut unreadable = 0;

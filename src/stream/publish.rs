@@ -199,17 +199,32 @@ pub fn publish_set(
 
 /// Creates `topic` with `partitions` partitions unless it exists (Kafka admin API; the
 /// mock cluster does not support it, use `MockCluster::create_topic` there).
-pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), PublishError> {
+///
+/// `properties` are the publisher's (security settings above all: without them the
+/// admin client spoke plaintext to a TLS listener and waited for ever, found in issue
+/// #21's secured-broker test).
+pub fn ensure_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    properties: &[(String, String)],
+) -> Result<(), PublishError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<super::client_log::GatedContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let admin: AdminClient<super::client_log::GatedContext> = config
         .create_with_context(super::client_log::GatedContext("admin"))
         .map_err(|e| PublishError::Kafka(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| PublishError::Kafka(e.to_string()))?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
     let results = rt
         .block_on(admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &opts))
         .map_err(|e| PublishError::Kafka(format!("create topic {topic}: {e}")))?;

@@ -12,5 +12,6 @@ mod model;
 mod ops;
 mod peer;
 mod pipeline;
+mod secured;
 mod stream;
 mod topics;
