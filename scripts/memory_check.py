@@ -111,12 +111,20 @@ def daemon_run(folder, n, tansu_port):
 
 
 def score_run(folder):
+    # Sampled from /proc: a child's ru_maxrss starts at the parent's (this script holds
+    # the images it made), so wait4's figure would be Python's, not dlsr's.
     p = subprocess.Popen([BIN, "-q", "score", "--model", BUNDLE, "--workers", "1", "--device", "cpu", folder],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"dlsr score {folder} failed ({status})")
-    return usage.ru_maxrss / 1024
+    peak = 0
+    while p.poll() is None:
+        try:
+            peak = max(peak, status_kb(p.pid, "VmHWM"))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        time.sleep(0.02)
+    if p.returncode != 0:
+        raise SystemExit(f"dlsr score {folder} failed ({p.returncode})")
+    return peak / 1024
 
 
 def main():

@@ -87,6 +87,12 @@ pub struct Reservation {
     bytes: u64,
 }
 
+impl Reservation {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut used = self.budget.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

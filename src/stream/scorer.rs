@@ -219,6 +219,9 @@ pub fn decode_message_with(
     Ok((tensor, pixel_seed(image.width, image.height, &image.rgb)))
 }
 
+/// Decodes at least this large trim the allocator's free memory when they are done.
+const LARGE_DECODE_BYTES: u64 = 64 << 20;
+
 /// The dead-letter code of a message whose decoding panicked.
 pub const DECODER_PANIC: &str = "decoder_panic";
 
@@ -261,6 +264,11 @@ pub fn decode_worker(
         let reservation =
             header.ok().and_then(Result::ok).map(|(w, h)| budget.reserve(decode::decode_bytes(w, h)));
         let result = decode_message_with(&decoder, &work.payload, &limits, &pre);
+        // After a large image, hand its freed pages back at once rather than at the next
+        // 5-second trim, so the next large one does not stack on top of them.
+        if reservation.as_ref().is_some_and(|r| r.bytes() >= LARGE_DECODE_BYTES) {
+            crate::memory::release_free_memory();
+        }
         drop(reservation);
         metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
         if matches!(result, Err((DECODER_PANIC, _))) {

@@ -210,7 +210,7 @@ fn publish_and_tail_work_over_tls_with_the_ca_and_fail_fast_naming_the_cause_wit
 }
 
 #[test]
-fn serve_connects_over_tls_with_the_ca_and_without_it_exits_at_once_naming_the_cause() {
+fn serve_and_audit_connect_over_tls_with_the_ca_and_without_it_stop_at_once_naming_the_cause() {
     let broker = SecuredBroker::start();
     let bundle = crate::model::fitted().bundle.clone();
     let config = |ca: Option<&Path>, port: u16| {
@@ -242,6 +242,29 @@ fn serve_connects_over_tls_with_the_ca_and_without_it_exits_at_once_naming_the_c
     publish.push(image.display().to_string());
     let (code, stderr, _) = dlsr(&publish);
     assert_eq!(code, 0, "{stderr}");
+    // audit --from-topic reads the topic over TLS with the CA, and names the cause without it.
+    let audit = |ca: bool| {
+        let out = broker.dir.path().join(format!("audit-{ca}"));
+        let mut args = strings(&["audit", "--model", bundle.to_str().unwrap(), "--device", "cpu", "-q"]);
+        args.extend(strings(&["--from-topic", "images", "--brokers", &format!("localhost:{}", broker.port)]));
+        args.extend(strings(&["--kafka-timeout", "5", "--out", out.to_str().unwrap()]));
+        args.extend(["--kafka-property".to_string(), "security.protocol=ssl".to_string()]);
+        if ca {
+            args.extend([
+                "--kafka-property".to_string(),
+                format!("ssl.ca.location={}", broker.ca().display()),
+            ]);
+        }
+        (dlsr(&args), out)
+    };
+    let ((code, stderr, _), out) = audit(true);
+    assert_eq!(code, 0, "audit with the CA: {stderr}");
+    assert!(out.join("report.html").exists());
+    let ((code, stderr, secs), _) = audit(false);
+    assert_ne!(code, 0, "audit without the CA: {stderr}");
+    assert!(secs < 30.0 && stderr.contains("certificate verify failed"), "{secs:.0} s: {stderr}");
+    assert!(stderr.matches("certificate verify failed").count() <= 2, "a retry flood: {stderr}");
+
     let port = free_port();
     let mut daemon = Command::new(dlsr_bin())
         .args(["serve", "--config", config(Some(&broker.ca()), port).to_str().unwrap()])
