@@ -130,6 +130,9 @@ pub struct ConsumerCtx {
     pub input_faults: Arc<Mutex<InputFaults>>,
     /// Partitions whose unreadable range is being stepped over (skip policy).
     skipper: Mutex<Skipper>,
+    /// librdkafka's last client-wide error (a TLS handshake that fails, a refused
+    /// connection): what `/readyz` adds when the brokers do not answer.
+    pub last_client_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -144,6 +147,7 @@ impl ConsumerCtx {
             assignments: AtomicU64::new(0),
             input_faults: Arc::new(Mutex::new(InputFaults::default())),
             skipper: Mutex::new(Skipper::default()),
+            last_client_error: Mutex::new(None),
             metrics,
         }
     }
@@ -191,6 +195,9 @@ impl ClientContext for ConsumerCtx {
         if matches!(error.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)) {
             self.broker_up.store(false, Ordering::Relaxed);
             self.metrics.broker_up.set(0);
+        }
+        if let Ok(mut last) = self.last_client_error.lock() {
+            *last = Some(super::client_log::problem_of(reason).to_string());
         }
         super::client_log::error("consumer", &error, reason);
     }

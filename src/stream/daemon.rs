@@ -399,7 +399,11 @@ impl Daemon {
     /// Why the daemon is not ready, if it is not.
     fn not_ready_reason(&self) -> Option<String> {
         if !self.consumer.ctx().broker_up.load(Ordering::Relaxed) {
-            return Some("the brokers do not answer".into());
+            let last = self.consumer.ctx().last_client_error.lock().ok().and_then(|l| l.clone());
+            return Some(match last {
+                Some(why) => format!("the brokers do not answer (last error: {why})"),
+                None => "the brokers do not answer".into(),
+            });
         }
         let input = self.consumer.ctx().input_faults.lock().ok().and_then(|f| f.describe());
         if input.is_some() {

@@ -23,6 +23,19 @@ pub(crate) struct Tansu {
     pub(crate) brokers: String,
 }
 
+/// A tansu broker process with in-memory storage, listening and advertising as given.
+pub(crate) fn spawn_tansu(listen: &str, advertised: &str) -> Child {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/bin/tansu");
+    assert!(bin.exists(), "{} missing: run scripts/fetch-assets.sh", bin.display());
+    Command::new(bin)
+        .args(["broker", "--listener-url", listen, "--advertised-listener-url", advertised])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 impl Tansu {
     fn start() -> Tansu {
         Self::start_with(&[("images", 3), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)])
@@ -30,24 +43,9 @@ impl Tansu {
 
     /// tansu with these topics (name, partitions).
     pub(crate) fn start_with(topics: &[(&str, i32)]) -> Tansu {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/bin/tansu");
-        assert!(bin.exists(), "{} missing: run scripts/fetch-assets.sh", bin.display());
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_tansu(&url, &url);
         let brokers = format!("127.0.0.1:{port}");
         let started = Instant::now();
         while TcpStream::connect(&brokers).is_err() {

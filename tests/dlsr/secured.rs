@@ -87,19 +87,10 @@ impl SecuredBroker {
             ],
         );
         let (plain, port) = (free_port(), free_port());
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/bin/tansu");
-        let tansu = Command::new(bin)
-            .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{plain}")])
-            .args([
-                "--advertised-listener-url",
-                &format!("tcp://localhost:{port}"),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let tansu = crate::broker::spawn_tansu(
+            &format!("tcp://127.0.0.1:{plain}"),
+            &format!("tcp://localhost:{port}"),
+        );
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls_proxy.py");
         let mut proxy = Command::new("python3")
             .arg(script)

@@ -603,6 +603,8 @@ fn readyz_goes_false_while_the_broker_is_down_and_recovers() {
     cluster.broker_down(1).unwrap();
     wait_until("/readyz 503 with the broker down", Duration::from_secs(60), || ready() == 503);
     assert!(metrics.render().contains("dlsr_broker_up 0"));
+    let (_, why) = crate::common::http_get(addr().unwrap(), "/readyz").unwrap();
+    assert!(why.starts_with("not ready: the brokers do not answer"), "{why}");
     assert_eq!(crate::common::http_get(addr().unwrap(), "/healthz").unwrap().0, 200, "alive all along");
 
     cluster.broker_up(1).unwrap();
