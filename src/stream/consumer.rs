@@ -483,15 +483,16 @@ impl ConsumerStage {
             Polled::Message(msg) => {
                 let tp = (msg.source.topic.clone(), msg.source.partition);
                 let offset = msg.source.offset;
-                if self.ctx().input_faults.lock().is_ok_and(|f| f.is_blocked(&tp)) {
-                    self.ctx().clear_fault(&tp);
-                }
                 let skipped = self.ctx().skipper.lock().ok().and_then(|mut s| s.readable(&tp, offset));
                 if let Some(range) = skipped {
-                    // The skipped range goes first, so its dead letter precedes the record.
+                    // The skipped range goes first, so its dead letter precedes the record;
+                    // it takes the fault's code and reason, so before the fault is cleared.
                     if let Some(w) = self.skipped_work(range) {
                         self.hand_on(work, w)?;
                     }
+                }
+                if self.ctx().input_faults.lock().is_ok_and(|f| f.is_blocked(&tp)) {
+                    self.ctx().clear_fault(&tp);
                 }
                 let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, offset));
                 let Some(generation) = generation else { return Some(0) };

@@ -61,9 +61,13 @@ fn read_outputs(
     while out.len() < n && started.elapsed() < timeout {
         let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else { continue };
         let hs = dlsr::stream::headers::read(&m);
-        let code = dlsr::stream::headers::find(&hs, "dlsr-error-code")
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .unwrap_or_default();
+        let text =
+            |k: &str| dlsr::stream::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
+        // A skipped range's dead letter also names the consumer's error.
+        let code = match (text("dlsr-error-code"), text("dlsr-consumer-error-code")) {
+            (Some(code), Some(consumer)) => format!("{code}/{consumer}"),
+            (code, _) => code.unwrap_or_default(),
+        };
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let key = if key.is_empty() {
             let first = dlsr::stream::headers::find(&hs, "dlsr-skipped-first-offset").unwrap_or_default();
@@ -247,7 +251,7 @@ fn a_batch_that_cannot_be_decompressed_blocks_its_partition_loudly_and_skip_step
     let outputs = read_outputs(b, "corrupt-reader-2", 6, Duration::from_secs(60));
     assert_eq!(
         outputs.get("skipped-from-3").map(|o| (o.0.as_str(), o.1.as_str())),
-        Some(("dlsr-dead-letters", "unreadable")),
+        Some(("dlsr-dead-letters", "unreadable/bad_compression")),
         "{outputs:?}"
     );
     for key in ["after-0", "after-1"] {
