@@ -71,7 +71,7 @@ impl TopicReader {
         let consumer: BaseConsumer<GatedContext> = topics::reader_config(&range.brokers, &range.properties)
             .create_with_context(GatedContext("reader"))
             .map_err(TopicError::Client)?;
-        let partitions = topics::partitions(consumer.client(), &range.brokers, &range.topic, range.timeout)?;
+        let partitions = topics::reader_partitions(&consumer, &range.brokers, &range.topic, range.timeout)?;
         let unreachable = |e: KafkaError| TopicError::unreachable(&range.brokers, range.timeout, e);
         let mut ranges = Vec::new();
         for &p in &partitions {

@@ -46,6 +46,23 @@ impl LogGate {
                 Some(n)
             }
             None => {
+                // librdkafka often says one thing twice in different words: "host:
+                // SSL handshake failed: error:0A000086:...: certificate verify failed: ..."
+                // and then "host: error:0A000086:...: certificate verify failed". A line
+                // whose text after its "host: " prefix is already inside a recent line
+                // adds nothing.
+                let echo = problem
+                    .split_once(": ")
+                    .map(|(_, rest)| rest)
+                    .filter(|rest| rest.len() >= 16)
+                    .is_some_and(|rest| {
+                        self.seen
+                            .iter()
+                            .any(|(p, (t, _))| now.duration_since(*t) < interval && p.contains(rest))
+                    });
+                if echo {
+                    return None;
+                }
                 self.seen.insert(problem.to_string(), (now, 0));
                 Some(0)
             }
@@ -138,6 +155,17 @@ impl rdkafka::consumer::ConsumerContext for GatedContext {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_that_repeats_part_of_a_recent_one_is_an_echo() {
+        let mut gate = LogGate::default();
+        let now = Instant::now();
+        let first = "ssl://localhost:9/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified";
+        let echo = "ssl://localhost:9/bootstrap: error:0A000086:SSL routines::certificate verify failed";
+        assert_eq!(gate.admit(first, now, REPEAT_INTERVAL), Some(0));
+        assert_eq!(gate.admit(echo, now, REPEAT_INTERVAL), None);
+        assert_eq!(gate.admit("1/1 brokers are down", now, REPEAT_INTERVAL), Some(0), "a different problem");
+    }
 
     #[test]
     fn attempt_tails_are_dropped_so_repeats_and_echoes_match() {

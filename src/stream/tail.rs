@@ -350,7 +350,7 @@ impl Tail {
             let consumer: BaseConsumer<GatedContext> =
                 config.create_with_context(GatedContext("tail")).map_err(TopicError::Client)?;
             let partitions =
-                match topics::partitions(consumer.client(), &options.brokers, topic, options.timeout) {
+                match topics::reader_partitions(&consumer, &options.brokers, topic, options.timeout) {
                     // The dead-letter topic often does not exist until the first dead letter:
                     // read the others and say so; only no topic at all is an error.
                     Err(TopicError::NoTopic(t)) => {

@@ -57,6 +57,27 @@ pub fn reader_settings(config: &mut ClientConfig) {
         .set("queued.max.messages.kbytes", "16384");
 }
 
+/// [`partitions`] for a reader. When the brokers cannot be reached, librdkafka's log
+/// events that say why (a refused connection, a TLS handshake that fails) wait in the
+/// reader's queue until it is polled: they are served first, so the cause is said
+/// before the error (issue #21: `tail` and `audit --from-topic` failed on a TLS broker
+/// without naming the certificate problem, depending on timing).
+pub fn reader_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, TopicError> {
+    let result = partitions(consumer.client(), brokers, topic, timeout);
+    if matches!(result, Err(TopicError::Unreachable { .. })) {
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < until {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+    }
+    result
+}
+
 /// The topic's partitions, sorted; the brokers must answer within `timeout`.
 pub fn partitions<C: ClientContext>(
     client: &Client<C>,
