@@ -192,7 +192,10 @@ impl OutputBlocks {
         let Ok(mut refused) = self.refused.lock() else { return };
         let Some(r) = refused.remove(&refused_key(topic, ack)) else { return };
         self.clear_code_if_unused(&refused, topic, &r.code);
-        if !refused.keys().any(|k| k.0 == topic) {
+        let unblocked = !refused.keys().any(|k| k.0 == topic);
+        // One lock at a time: `log_periodically` takes `logged` and then `refused`.
+        drop(refused);
+        if unblocked {
             tracing::info!(%topic, "output topic accepts records again after {:.0?}", r.since.elapsed());
             if let Ok(mut l) = self.logged.lock() {
                 l.remove(topic);
@@ -231,8 +234,12 @@ impl OutputBlocks {
 
     /// Logs each blocked topic's reason, at most once a minute.
     pub fn log_periodically(&self, exit_after: Duration) {
+        // The refusals first, then `logged`: never both locks at once (the delivery
+        // callback's `settled` takes them in the other order; issue #21's fresh-clone
+        // run caught the deadlock).
+        let topics = self.topics();
         let Ok(mut logged) = self.logged.lock() else { return };
-        for (topic, (code, reason, records, age)) in self.topics() {
+        for (topic, (code, reason, records, age)) in topics {
             if logged.get(&topic).is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
                 continue;
             }
@@ -716,6 +723,33 @@ mod tests {
         assert!(blocks.longest().is_none());
         assert_eq!(blocks.refused_records(), 0);
         assert!(!metrics.render().contains("dlsr_output_blocked{"), "the series goes with the last refusal");
+    }
+
+    /// The delivery callback (`refused`, `settled`) and the main loop's
+    /// `log_periodically` run at once; they took the two locks in opposite orders and
+    /// deadlocked the main loop (caught by a fresh-clone run). Both sides hammer here;
+    /// with the old order this test hangs.
+    #[test]
+    fn deliveries_and_the_periodic_log_never_deadlock() {
+        let blocks = Arc::new(OutputBlocks::new(Arc::new(Metrics::new(vec![0.0]))));
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let deliveries = {
+            let (blocks, start) = (blocks.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..200_000 {
+                    let ack = Ack { tp: ("images".into(), 0), offset: i % 7, generation: 1 };
+                    blocks.refused("dl", &ack, "topic_authorization_failed", "denied");
+                    blocks.settled("dl", &ack);
+                }
+            })
+        };
+        start.wait();
+        for _ in 0..200_000 {
+            blocks.log_periodically(Duration::from_secs(300));
+        }
+        deliveries.join().unwrap();
+        assert!(blocks.longest().is_none());
     }
 
     #[test]
