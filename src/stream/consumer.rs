@@ -89,9 +89,9 @@ impl Work {
         item_id(self.key.as_deref(), &self.source)
     }
 
-    fn from_raw(msg: RawMessage, generation: u64, held: super::budget::Held) -> Self {
+    fn from_raw(msg: RawMessage, generation: u64) -> Self {
         Work {
-            held,
+            held: super::budget::Held::none(),
             source: msg.source,
             key: msg.key,
             payload: msg.payload,
@@ -277,16 +277,18 @@ impl ConsumerContext for ConsumerCtx {
     }
 }
 
-/// A librdkafka queue that receives the results of this stage's asynchronous commits.
-struct CommitResults(*mut rdsys::rd_kafka_queue_t);
+/// A reference to a librdkafka queue of the consumer's client (the queue for the results
+/// of this stage's asynchronous commits, or the consumer queue polled for events),
+/// released when dropped.
+struct OwnedQueue(*mut rdsys::rd_kafka_queue_t);
 
 // SAFETY: librdkafka queues are thread-safe; the pointer is only used through its API.
-unsafe impl Send for CommitResults {}
+unsafe impl Send for OwnedQueue {}
 
-impl Drop for CommitResults {
+impl Drop for OwnedQueue {
     fn drop(&mut self) {
-        // SAFETY: created by rd_kafka_queue_new, destroyed once, before the consumer
-        // (ConsumerStage declares this field first, so it is dropped first).
+        // SAFETY: created by rd_kafka_queue_new or _get_consumer, destroyed once, before
+        // the consumer (ConsumerStage declares these fields first, so they drop first).
         unsafe { rdsys::rd_kafka_queue_destroy(self.0) };
     }
 }
@@ -294,18 +296,16 @@ impl Drop for CommitResults {
 /// The consumer and its back-pressure state.
 pub struct ConsumerStage {
     /// Results of asynchronous commits (dropped before `consumer`, which it refers to).
-    commit_results: CommitResults,
+    commit_results: OwnedQueue,
     /// A reference to the consumer queue, polled through [`input::poll`] (dropped before
     /// `consumer` too).
-    events: CommitResults,
+    events: OwnedQueue,
     pub consumer: BaseConsumer<ConsumerCtx>,
     /// What to do with a batch that cannot be read (`kafka.on_unreadable`).
     on_unreadable: OnUnreadable,
     /// Payload bytes of the items in flight, and where the consumer pauses.
     pub payloads: Arc<super::budget::PayloadBytes>,
     payload_limit: u64,
-    /// The last statistics librdkafka emitted, per partition.
-    stats: BTreeMap<TopicPartition, PartitionStats>,
     /// Messages read that did not fit into the full work channel yet.
     stash: VecDeque<Work>,
     commit_every: Duration,
@@ -374,7 +374,7 @@ impl ConsumerStage {
         consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| (e.to_string(), true))?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| (format!("subscribe: {e}"), false))?;
-        // SAFETY: a new queue of this client, destroyed by CommitResults before the client.
+        // SAFETY: a new queue of this client, destroyed by OwnedQueue before the client.
         let queue = unsafe { rdsys::rd_kafka_queue_new(consumer.client().native_ptr()) };
         if queue.is_null() {
             return Err(("cannot create the commit result queue".into(), false));
@@ -385,13 +385,12 @@ impl ConsumerStage {
             return Err(("the consumer has no consumer queue".into(), false));
         }
         Ok(Self {
-            commit_results: CommitResults(queue),
-            events: CommitResults(events),
+            commit_results: OwnedQueue(queue),
+            events: OwnedQueue(events),
             consumer,
             on_unreadable,
             payloads: Arc::default(),
             payload_limit,
-            stats: BTreeMap::new(),
             stash: VecDeque::new(),
             commit_every,
             last_commit: Instant::now(),
@@ -491,16 +490,13 @@ impl ConsumerStage {
                         self.hand_on(work, w)?;
                     }
                 }
-                if self.ctx().input_faults.lock().is_ok_and(|f| f.is_blocked(&tp)) {
-                    self.ctx().clear_fault(&tp);
-                }
+                self.ctx().clear_fault(&tp);
                 let generation = self.ctx().tracker.lock().ok().and_then(|mut t| t.dispatch(&tp, offset));
                 let Some(generation) = generation else { return Some(0) };
                 self.ctx().metrics.record_consumed(&tp.0);
-                let bytes = msg.payload.len() + msg.key.as_ref().map_or(0, Vec::len);
-                let held =
-                    self.payloads.hold(bytes as u64 + super::headers::payload_len(&msg.headers) as u64);
-                Work::from_raw(msg, generation, held)
+                let mut w = Work::from_raw(msg, generation);
+                w.held = self.payloads.hold(w.byte_len() as u64);
+                w
             }
         };
         self.hand_on(work, w)?;
@@ -646,13 +642,6 @@ impl ConsumerStage {
                 ctx.metrics.set_lag(&tp.0, tp.1, (s.end - point).max(0));
             }
         }
-        drop(tracker);
-        self.stats = partitions;
-    }
-
-    /// The last statistics of a partition (tests and diagnostics).
-    pub fn partition_stats(&self, tp: &TopicPartition) -> Option<PartitionStats> {
-        self.stats.get(tp).copied()
     }
 
     /// Commits the points that moved, asynchronously; they are marked committed when the
