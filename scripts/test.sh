@@ -12,6 +12,7 @@ bash scripts/setup-libtorch.sh
 bash scripts/fetch-assets.sh
 bash scripts/setup-ops-tools.sh
 bash scripts/setup-peer.sh
+bash scripts/setup-moto.sh
 
 # Tests take 2 threads each for libtorch; two test threads keep the 2 cores busy without
 # oversubscribing them.

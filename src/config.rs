@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::envelope::{EnvelopeOverride, EnvelopeSpec, Format};
+use crate::data::reference::{FetchPolicy, ObjectStoreOptions, Persistence};
 use crate::data::DecodeLimits;
 use crate::device::DeviceSpec;
 use crate::model::encoder::Precision;
@@ -259,6 +261,7 @@ impl std::fmt::Debug for Properties {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub kafka: KafkaConfig,
+    pub input: InputConfig,
     pub model: ModelConfig,
     pub pipeline: PipelineConfig,
     pub thresholds: ThresholdsConfig,
@@ -498,6 +501,142 @@ pub struct ThresholdsConfig {
     pub topics: BTreeMap<String, ThresholdSpec>,
 }
 
+/// How message values are read: the default format for every input topic, overrides
+/// per topic, and the fetch policy for references.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// `raw`, `json` or `auto` (see [`Format`]).
+    pub format: Format,
+    /// JSON Pointer to a base64 image in an event.
+    pub image_pointer: String,
+    /// JSON Pointer to a reference in an event.
+    pub uri_pointer: String,
+    /// JSON Pointer to the item id in an event (overrides the key).
+    pub id_pointer: String,
+    /// Event fields copied into the verdict under `input`.
+    pub passthrough_pointers: Vec<String>,
+    /// Per input topic (by exact name), fields that replace the defaults above.
+    pub topics: BTreeMap<String, EnvelopeOverride>,
+    /// `file://` references are refused unless set; then only files under this folder.
+    pub file_root: String,
+    /// Hosts `http(s)://` references may name (`host`, `host:port`, `*.domain`).
+    pub allowed_hosts: Vec<String>,
+    /// Buckets/containers cloud references may name; empty: any the credentials reach.
+    pub allowed_buckets: Vec<String>,
+    /// Per fetch attempt, in milliseconds.
+    pub fetch_timeout_ms: u64,
+    /// Retries of a timed-out, throttled or 5xx fetch before the item is dead-lettered.
+    pub fetch_retries: u32,
+    /// Fetches in flight at once.
+    pub fetch_concurrency: usize,
+    pub object_store: ObjectStoreOptions,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        let envelope = EnvelopeSpec::default();
+        Self {
+            format: envelope.format,
+            image_pointer: envelope.image_pointer,
+            uri_pointer: envelope.uri_pointer,
+            id_pointer: envelope.id_pointer,
+            passthrough_pointers: envelope.passthrough_pointers,
+            topics: BTreeMap::new(),
+            file_root: String::new(),
+            allowed_hosts: Vec::new(),
+            allowed_buckets: Vec::new(),
+            fetch_timeout_ms: 10_000,
+            fetch_retries: 4,
+            fetch_concurrency: 16,
+            object_store: ObjectStoreOptions::default(),
+        }
+    }
+}
+
+impl InputConfig {
+    /// The default envelope (the `[input]` table's format fields).
+    pub fn envelope(&self) -> EnvelopeSpec {
+        EnvelopeSpec {
+            format: self.format,
+            image_pointer: self.image_pointer.clone(),
+            uri_pointer: self.uri_pointer.clone(),
+            id_pointer: self.id_pointer.clone(),
+            passthrough_pointers: self.passthrough_pointers.clone(),
+        }
+    }
+
+    /// The envelope of `topic`: its override applied to the defaults.
+    pub fn envelope_for(&self, topic: &str) -> EnvelopeSpec {
+        match self.topics.get(topic) {
+            Some(o) => o.apply(&self.envelope()),
+            None => self.envelope(),
+        }
+    }
+
+    /// The fetch policy, with `max_bytes` from the decode limits.
+    pub fn fetch_policy(&self, limits: &DecodeLimits, persistence: Persistence) -> FetchPolicy {
+        FetchPolicy {
+            file_root: (!self.file_root.trim().is_empty()).then(|| PathBuf::from(self.file_root.trim())),
+            allowed_hosts: self.allowed_hosts.clone(),
+            allowed_buckets: self.allowed_buckets.clone(),
+            max_bytes: limits.max_bytes,
+            timeout: std::time::Duration::from_millis(self.fetch_timeout_ms),
+            retries: self.fetch_retries,
+            persistence,
+            store: self.object_store.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let check = |key: &str, spec: &EnvelopeSpec| -> Result<(), ConfigError> {
+            let pointers = [
+                ("image_pointer", &spec.image_pointer),
+                ("uri_pointer", &spec.uri_pointer),
+                ("id_pointer", &spec.id_pointer),
+            ];
+            for (name, p) in pointers
+                .into_iter()
+                .chain(spec.passthrough_pointers.iter().map(|p| ("passthrough_pointers", p)))
+            {
+                if !p.is_empty() && !p.starts_with('/') {
+                    return Err(invalid(
+                        &format!("{key}.{name}"),
+                        format!("{p:?} is not a JSON Pointer (they start with /, e.g. \"/image\")"),
+                    ));
+                }
+            }
+            if spec.format == Format::Json && spec.image_pointer.is_empty() && spec.uri_pointer.is_empty() {
+                return Err(invalid(&format!("{key}.format"), "json needs image_pointer or uri_pointer"));
+            }
+            Ok(())
+        };
+        check("input", &self.envelope())?;
+        for (topic, o) in &self.topics {
+            check(&format!("input.topics.{topic}"), &o.apply(&self.envelope()))?;
+        }
+        if !self.file_root.trim().is_empty() && !Path::new(self.file_root.trim()).is_dir() {
+            return Err(invalid("input.file_root", format!("{:?} is not a folder", self.file_root)));
+        }
+        if !(100..=600_000).contains(&self.fetch_timeout_ms) {
+            return Err(invalid("input.fetch_timeout_ms", "must be in 100..=600000"));
+        }
+        if self.fetch_retries > 20 {
+            return Err(invalid("input.fetch_retries", "must be in 0..=20"));
+        }
+        if !(1..=1024).contains(&self.fetch_concurrency) {
+            return Err(invalid("input.fetch_concurrency", "must be in 1..=1024"));
+        }
+        if let Some(h) = self.allowed_hosts.iter().find(|h| h.contains('/') || h.trim().is_empty()) {
+            return Err(invalid(
+                "input.allowed_hosts",
+                format!("{h:?} is not a host (host, host:port or *.domain)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -562,19 +701,29 @@ impl Config {
         // No `try_parsing`: it turned every value that looks like a number into one, so
         // DLSR__KAFKA__GROUP_ID=007 joined group "7" (issue #21). Values stay strings;
         // the typed fields parse them (numbers and booleans from strings work as is).
-        // The one list: split here (the crate's list parsing needs try_parsing).
-        let is_topics = |name: &str| name.eq_ignore_ascii_case("DLSR__KAFKA__INPUT_TOPICS");
+        // Lists are split here (the crate's list parsing needs try_parsing).
+        const LISTS: [(&str, &str); 4] = [
+            ("DLSR__KAFKA__INPUT_TOPICS", "kafka.input_topics"),
+            ("DLSR__INPUT__ALLOWED_HOSTS", "input.allowed_hosts"),
+            ("DLSR__INPUT__ALLOWED_BUCKETS", "input.allowed_buckets"),
+            ("DLSR__INPUT__PASSTHROUGH_POINTERS", "input.passthrough_pointers"),
+        ];
+        let list_key =
+            |name: &str| LISTS.iter().find(|(var, _)| name.eq_ignore_ascii_case(var)).map(|(_, k)| *k);
         builder = builder.add_source(
             config::Environment::with_prefix("DLSR")
                 .prefix_separator("__")
                 .separator("__")
-                .source(Some(env.iter().filter(|(name, _)| !is_topics(name)).cloned().collect())),
+                .source(Some(env.iter().filter(|(name, _)| list_key(name).is_none()).cloned().collect())),
         );
-        if let Some((_, topics)) = env.iter().find(|(name, _)| is_topics(name)) {
-            let list: Vec<String> = topics.split(',').map(|t| t.trim().to_string()).collect();
-            builder = builder
-                .set_override("kafka.input_topics", list)
-                .map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
+        for (name, value) in &env {
+            if let Some(key) = list_key(name) {
+                let list: Vec<String> =
+                    value.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+                builder = builder
+                    .set_override(key, list)
+                    .map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
+            }
         }
         let raw = builder.build().map_err(|e| ConfigError::Load(explain_load_error(&e.to_string())))?;
         let mut cfg: Config =
@@ -781,6 +930,20 @@ impl Config {
         }
         if p.scorer_workers > 64 {
             return Err(invalid("pipeline.scorer_workers", "must be in 0..=64 (0: automatic)"));
+        }
+        self.input.validate()?;
+        for topic in self.input.topics.keys() {
+            let named = k.input_topics.iter().any(|t| {
+                t == topic
+                    || (t.starts_with('^')
+                        && crate::stream::topic_watch::InputSpec::parse(t).is_ok_and(|s| s.matches(topic)))
+            });
+            if !named {
+                return Err(invalid(
+                    &format!("input.topics.{topic}"),
+                    format!("names no input topic (kafka.input_topics = {:?})", k.input_topics),
+                ));
+            }
         }
         self.validate_thresholds()?;
         self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|e| {

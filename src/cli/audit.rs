@@ -23,7 +23,6 @@ use crate::model::features::FeatureExtractor;
 use crate::model::score::ScoreKind;
 use crate::progress::Progress;
 use crate::stream::message::{item_id, Source};
-use crate::stream::scorer::decode_message;
 use crate::verdict::judge;
 
 #[derive(Debug, Args)]
@@ -68,6 +67,11 @@ pub struct AuditArgs {
     /// Seconds the brokers may stay silent before the audit stops with an error.
     #[arg(long, default_value_t = 30)]
     pub kafka_timeout: u64,
+    /// A daemon config whose `[input]` section says how the topic's values are read
+    /// (format, pointers, allowed hosts, file root, object store); without it values are
+    /// read with the defaults (`auto`, `/image`, `/uri`, references to cloud stores only).
+    #[arg(long, value_name = "FILE", requires = "from_topic")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub judging: JudgingArgs,
     /// Report title.
@@ -354,6 +358,16 @@ fn audit_topic(
     let mut trim = Trim::new();
     let mut pending: Vec<(String, u64, Tensor, Source)> = Vec::new();
     let mut taken = 0u64;
+    let input = match &args.config {
+        Some(path) => crate::config::Config::load(Some(path))?.input,
+        None => crate::config::InputConfig::default(),
+    };
+    let spec = input.envelope_for(&range.topic);
+    let fetcher = crate::data::reference::Fetcher::new(
+        input.fetch_policy(&limits, crate::data::reference::Persistence::Retries),
+    );
+    let runtime = crate::data::chain::io_runtime()?;
+    let decoder = crate::data::chain::default_decoder();
     let flush =
         |pending: &mut Vec<(String, u64, Tensor, Source)>, set: &mut SetAudit| -> anyhow::Result<()> {
             if pending.is_empty() {
@@ -376,12 +390,20 @@ fn audit_topic(
         if interrupted.load(Ordering::SeqCst) {
             return Err(AuditError::Interrupted.into());
         }
-        let id = item_id(m.key.as_deref(), &m.source);
-        // The daemon's decoding: the same limits, the same error codes.
-        match decode_message(&m.payload, &limits, &pre) {
-            Ok((image, seed)) => pending.push((id, seed, image, m.source)),
-            Err((code, reason)) => {
-                set.skip(Skipped { id, code: code.into(), reason, source: Some(m.source) })?;
+        let key_id = item_id(m.key.as_deref(), &m.source);
+        // The daemon's input chain: the same envelopes, fetches, limits and error codes.
+        let read = crate::data::chain::unpack(&m.payload, &spec).and_then(|mut u| {
+            let observer = crate::data::reference::Unobserved;
+            runtime.block_on(crate::data::chain::fetch_into(&mut u, &fetcher, &observer))?;
+            let image = u.image.as_deref().unwrap_or(&m.payload);
+            let tensor = crate::data::chain::decode_to_tensor(&decoder, image, &limits, &pre)?;
+            Ok((u.id, tensor))
+        });
+        match read {
+            Ok((id, (image, seed))) => pending.push((id.unwrap_or(key_id), seed, image, m.source)),
+            Err(e) => {
+                let (code, reason) = (e.code(), e.to_string());
+                set.skip(Skipped { id: key_id, code: code.into(), reason, source: Some(m.source) })?;
             }
         }
         if pending.len() >= batch_size {

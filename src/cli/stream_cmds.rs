@@ -10,7 +10,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::data::DataSet;
 use crate::stream::daemon::{self, Control};
-use crate::stream::publish::{publish_set, Publisher};
+use crate::stream::publish::{publish_set, PublishAs, Publisher};
 use crate::telemetry::metrics::{score_buckets, Metrics};
 
 #[derive(Debug, Args)]
@@ -89,6 +89,11 @@ pub struct PublishArgs {
     /// Seconds to wait for the brokers to answer before giving up (exit 1), at the start.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Publish JSON references `{"id": ..., "uri": ...}` to the images where they are
+    /// (objects under an `s3://`/`gs://`/`az://` SPEC, or `file://` paths) instead of
+    /// their bytes: the claim-check pattern, for demos and tests.
+    #[arg(long)]
+    pub as_reference: bool,
 }
 
 pub(super) fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -110,7 +115,8 @@ pub fn run_publish(args: &PublishArgs) -> anyhow::Result<()> {
     let mut unreadable = 0;
     for (spec, prefix) in args.specs.iter().zip(crate::data::source::id_prefixes(&args.specs)) {
         let set = DataSet::open(spec)?.with_limit(args.limit).with_id_prefix(prefix);
-        unreadable += publish_set(&mut publisher, &set, &args.topic, args.rate)?;
+        let how = if args.as_reference { PublishAs::Reference } else { PublishAs::Bytes };
+        unreadable += publish_set(&mut publisher, &set, &args.topic, args.rate, how)?;
     }
     let report = publisher.finish(started, unreadable)?;
     println!(

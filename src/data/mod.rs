@@ -5,8 +5,11 @@
 //! bad files with a count and the daemon can dead-letter them; nothing here panics on
 //! input from outside the process.
 
+pub mod chain;
 pub mod decode;
+pub mod envelope;
 pub mod preprocess;
+pub mod reference;
 pub mod source;
 
 pub use decode::{DecodeError, DecodeLimits, Image};

@@ -22,6 +22,18 @@ pub enum ItemContent {
     Grey { width: u32, height: u32, pixels: Vec<u8> },
 }
 
+/// The objects under a cloud prefix, fetched on demand.
+struct Objects {
+    /// The SPEC as given, e.g. `s3://bucket/prefix/`.
+    spec: String,
+    /// Object keys (from the bucket's root) and sizes, sorted.
+    keys: Vec<(String, u64)>,
+    /// What ids are relative to: the prefix's folder.
+    prefix: String,
+    fetcher: super::reference::Fetcher,
+    runtime: tokio::runtime::Runtime,
+}
+
 #[derive(Debug, Clone)]
 pub struct RawItem {
     pub id: String,
@@ -41,6 +53,8 @@ pub enum DataError {
     BadCsv { path: PathBuf, line: usize, reason: String },
     #[error("{path}: contains no images")]
     NoImages { path: PathBuf },
+    #[error("{spec}: {source}")]
+    Remote { spec: String, source: super::reference::FetchError },
 }
 
 /// Failure of one item; the set can go on past it.
@@ -57,6 +71,8 @@ pub enum ItemErrorKind {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Fetch(#[from] super::reference::FetchError),
     #[error("preprocessing failed: {0}")]
     Preprocess(String),
     /// An error recorded when the set was encoded into the feature cache.
@@ -70,6 +86,7 @@ impl ItemError {
         match &self.kind {
             ItemErrorKind::Io(_) => "io",
             ItemErrorKind::Decode(d) => d.code(),
+            ItemErrorKind::Fetch(f) => f.code(),
             ItemErrorKind::Preprocess(_) => "preprocess",
             ItemErrorKind::Cached(_) => "cached",
         }
@@ -92,6 +109,7 @@ enum Kind {
         pixels: Vec<u8>,
         count: usize,
     },
+    Objects(Box<Objects>),
 }
 
 /// An opened data set: its items can be read in order, any number of times.
@@ -149,8 +167,14 @@ fn is_csv_name(name: &str) -> bool {
 }
 
 impl DataSet {
-    /// Opens SPEC: an image file, a folder of images, an IDX file or an MNIST-style CSV.
+    /// Opens SPEC: an image file, a folder of images, an IDX file, an MNIST-style CSV,
+    /// or the images under an object-store prefix (`s3://bucket/prefix/`, `gs://`, `az://`;
+    /// credentials and endpoint from the store's standard environment, e.g.
+    /// `AWS_ENDPOINT_URL`).
     pub fn open(spec: &str) -> Result<Self, DataError> {
+        if super::reference::is_remote_spec(spec) {
+            return Self::open_objects(spec);
+        }
         let path = PathBuf::from(spec);
         let meta = fs::metadata(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DataError::NotFound { path: path.clone() },
@@ -177,6 +201,37 @@ impl DataSet {
             }
         };
         Ok(Self { spec: spec.to_string(), kind, limit: None, id_prefix: None, ignored_files })
+    }
+
+    fn open_objects(spec: &str) -> Result<Self, DataError> {
+        use super::reference::{FetchPolicy, Fetcher, Persistence};
+        let remote = |source| DataError::Remote { spec: spec.to_string(), source };
+        let runtime =
+            super::chain::io_runtime().map_err(|e| DataError::Io { path: spec.into(), source: e })?;
+        let fetcher =
+            Fetcher::new(FetchPolicy { persistence: Persistence::Retries, ..FetchPolicy::default() });
+        let listed = runtime.block_on(super::reference::list_prefix(&fetcher, spec)).map_err(remote)?;
+        let total = listed.len();
+        let keys: Vec<(String, u64)> =
+            listed.into_iter().filter(|(k, _)| has_image_extension(Path::new(k))).collect();
+        if keys.is_empty() {
+            return Err(DataError::NoImages { path: spec.into() });
+        }
+        let after_bucket =
+            spec.split_once("://").map_or("", |(_, r)| r).split_once('/').map_or("", |(_, p)| p);
+        let prefix = match after_bucket.rfind('/') {
+            Some(i) => after_bucket[..=i].to_string(),
+            None => String::new(),
+        };
+        let ignored_files = total - keys.len();
+        let objects = Objects { spec: spec.to_string(), keys, prefix, fetcher, runtime };
+        Ok(Self {
+            spec: spec.to_string(),
+            kind: Kind::Objects(Box::new(objects)),
+            limit: None,
+            id_prefix: None,
+            ignored_files,
+        })
     }
 
     /// Keeps only the first `n` items.
@@ -210,6 +265,7 @@ impl DataSet {
         match &self.kind {
             Kind::Files { files, .. } => files.len(),
             Kind::Records { count, .. } => *count,
+            Kind::Objects(o) => o.keys.len(),
         }
     }
 
@@ -238,6 +294,11 @@ impl DataSet {
             Kind::Records { pixels, width, height, .. } => {
                 h.update(format!("{width}x{height}\n").as_bytes());
                 h.update(pixels);
+            }
+            Kind::Objects(o) => {
+                for (key, size) in &o.keys {
+                    h.update(format!("{}\0{key}\0{size}\n", o.spec).as_bytes());
+                }
             }
         }
         Ok(hex::encode(h.finalize()))
@@ -270,6 +331,56 @@ impl DataSet {
                     },
                 })
             }
+            Kind::Objects(o) => {
+                let key = &o.keys[index].0;
+                let id = self.item_id(key.strip_prefix(&o.prefix).unwrap_or(key).to_string());
+                let uri = super::reference::object_uri(&o.spec, key);
+                let fetched = o.fetcher.policy().parse(&uri).map_err(ItemErrorKind::from).and_then(|r| {
+                    o.runtime
+                        .block_on(o.fetcher.fetch(&r, &super::reference::Unobserved))
+                        .map_err(ItemErrorKind::from)
+                });
+                match fetched {
+                    Ok(f) => Ok(RawItem { id, content: ItemContent::Encoded(f.bytes) }),
+                    Err(kind) => Err(ItemError { id, kind }),
+                }
+            }
+        }
+    }
+
+    /// Item `index`'s id and a URI that refers to it where it is (`file://` with the
+    /// absolute path, or the object's URI), for publishing references; IDX and CSV
+    /// records live inside one file and have none.
+    pub fn item_uri(&self, index: usize) -> Result<(String, String), ItemError> {
+        match &self.kind {
+            Kind::Files { base, files } => {
+                let path = &files[index];
+                let id = self.item_id(
+                    path.strip_prefix(base)
+                        .ok()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(path)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+                let absolute = path.canonicalize().map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
+                let uri = url::Url::from_file_path(&absolute).map_err(|_| ItemError {
+                    id: id.clone(),
+                    kind: ItemErrorKind::Preprocess(format!("{} has no file:// URI", absolute.display())),
+                })?;
+                Ok((id, uri.to_string()))
+            }
+            Kind::Records { name, .. } => Err(ItemError {
+                id: self.item_id(format!("{name}#{index}")),
+                kind: ItemErrorKind::Preprocess(
+                    "an IDX or CSV record has no URI of its own (publish it as bytes, or write it out as a file)".into(),
+                ),
+            }),
+            Kind::Objects(o) => {
+                let key = &o.keys[index].0;
+                let id = self.item_id(key.strip_prefix(&o.prefix).unwrap_or(key).to_string());
+                Ok((id, super::reference::object_uri(&o.spec, key)))
+            }
         }
     }
 
@@ -291,6 +402,9 @@ pub fn id_prefixes(specs: &[String]) -> Vec<Option<String>> {
     specs
         .iter()
         .map(|spec| {
+            if super::reference::is_remote_spec(spec) {
+                return Some(spec.trim_end_matches('/').to_string());
+            }
             let trimmed = spec.trim_end_matches('/');
             let path = Path::new(if trimmed.is_empty() { spec.as_str() } else { trimmed });
             let folder = if path.is_dir() { Some(path) } else { path.parent() };

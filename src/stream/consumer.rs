@@ -74,6 +74,22 @@ pub struct Work {
     pub skipped: Option<Skipped>,
     /// Its bytes in the in-flight budget, given back when the item is dropped.
     pub held: super::budget::Held,
+    /// What its envelope and reference gave (set by the resolve stage).
+    pub resolved: Resolved,
+}
+
+/// A message's image as the resolve stage found it: from the value's envelope and, for
+/// a reference, from its store. The payload itself stays as it came (dead letters carry
+/// the original message).
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// The image's bytes when they are not the payload (base64 in JSON, a fetched object).
+    pub image: Option<Vec<u8>>,
+    pub uri: Option<String>,
+    pub id: Option<String>,
+    pub input: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The fetched bytes in the in-flight budget.
+    pub held: super::budget::Held,
 }
 
 impl Work {
@@ -86,7 +102,15 @@ impl Work {
     }
 
     pub fn id(&self) -> String {
-        item_id(self.key.as_deref(), &self.source)
+        match &self.resolved.id {
+            Some(id) => id.clone(),
+            None => item_id(self.key.as_deref(), &self.source),
+        }
+    }
+
+    /// The encoded image: the resolved bytes, else the payload.
+    pub fn image_bytes(&self) -> &[u8] {
+        self.resolved.image.as_deref().unwrap_or(&self.payload)
     }
 
     fn from_raw(msg: RawMessage, generation: u64) -> Self {
@@ -98,6 +122,7 @@ impl Work {
             headers: msg.headers,
             generation,
             skipped: None,
+            resolved: Resolved::default(),
         }
     }
 
@@ -611,6 +636,7 @@ impl ConsumerStage {
             generation,
             skipped: Some(Skipped { last: range.last, code: code.to_string(), reason: reason.to_string() }),
             held: super::budget::Held::none(),
+            resolved: Resolved::default(),
         })
     }
 

@@ -33,6 +33,7 @@ use super::consumer::{ConsumerCtx, ConsumerStage, Work};
 use super::kafka::{consumer_config, producer_config};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
+use super::resolve::{FetchHealth, ResolveStage};
 use super::scorer::{
     decode_worker, default_decoder, BundleScorer, Decoded, DecodedQueue, Decoder, InputChain, ItemScorer,
     ModelInfo, ScoringStage,
@@ -148,6 +149,7 @@ struct Daemon {
     blocks: Arc<OutputBlocks>,
     /// Bytes of the images being decoded (the in-flight gauge adds the payloads).
     budget: Arc<DecodeBudget>,
+    fetch_health: Arc<FetchHealth>,
     /// The first fault of the run, if any.
     faults: Arc<Faults>,
     counters: Arc<Counters>,
@@ -256,8 +258,17 @@ pub fn run_with_parts(
         })
         .collect();
     let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
+    let fetch_health = Arc::new(FetchHealth::default());
+    let resolve = ResolveStage {
+        input: cfg.input.clone(),
+        limits: cfg.pipeline.decode_limits,
+        output: output.clone(),
+        metrics: metrics.clone(),
+        health: fetch_health.clone(),
+        payloads: consumer.payloads.clone(),
+    };
     let pipeline = start_pipeline(
-        &cfg, &model, stages, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
+        &cfg, &model, stages, resolve, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
     )?;
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
@@ -287,6 +298,7 @@ pub fn run_with_parts(
         health,
         blocks,
         budget,
+        fetch_health,
         faults,
         counters,
         summary: Summary::default(),
@@ -409,6 +421,11 @@ impl Daemon {
         if input.is_some() {
             return input;
         }
+        let (stores_down, fetch) = self.fetch_health.describe();
+        self.metrics.fetch_stores_unreachable.set(stores_down as i64);
+        if fetch.is_some() {
+            return fetch;
+        }
         if !self.assigned() {
             return Some(format!(
                 "waiting for partition assignment from group {} for {} s",
@@ -497,6 +514,7 @@ fn start_pipeline(
     cfg: &Config,
     model: &ModelInfo,
     stages: Vec<ScoringStage>,
+    resolve: ResolveStage,
     retries: RetryScheduler,
     retry_rx: mpsc::Receiver<super::producer::OutputRecord>,
     output: &Arc<Output>,
@@ -506,10 +524,20 @@ fn start_pipeline(
     budget: &Arc<DecodeBudget>,
 ) -> Result<Pipeline, DaemonError> {
     let p = &cfg.pipeline;
-    let (work_tx, work_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
+    let (work_tx, consumed_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
+    let (resolved_tx, resolved_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
     let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Decoded>(p.batch_max_size * 2);
-    let work_rx = Arc::new(Mutex::new(work_rx));
+    let work_rx = Arc::new(Mutex::new(resolved_rx));
     let mut threads = Vec::new();
+    let resolver = supervise::spawn("dlsr-resolve", faults, {
+        let faults = faults.clone();
+        move || {
+            if let Err(e) = resolve.run(consumed_rx, resolved_tx) {
+                faults.record(e);
+            }
+        }
+    });
+    threads.push(resolver.map_err(DaemonError::Thread)?);
     let chain = InputChain {
         preprocess: model.preprocess,
         limits: p.decode_limits,

@@ -24,11 +24,20 @@ pub struct ModelRef {
     pub sha256: String,
 }
 
+/// The verdict's `source`: the message's coordinates and, for a reference, its URI.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerdictSource<'a> {
+    #[serde(flatten)]
+    pub message: &'a Source,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<&'a str>,
+}
+
 /// The verdict value published to the output topic.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerdictRecord<'a> {
     pub id: &'a str,
-    pub source: &'a Source,
+    pub source: VerdictSource<'a>,
     pub score: f64,
     pub score_kind: crate::model::score::ScoreKind,
     pub threshold: f64,
@@ -38,13 +47,16 @@ pub struct VerdictRecord<'a> {
     pub layers: &'a [LayerScore],
     pub model: &'a ModelRef,
     pub scored_at: String,
+    /// The JSON event's passthrough fields (`passthrough_pointers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 impl<'a> VerdictRecord<'a> {
     pub fn new(v: &'a Verdict, source: &'a Source, model: &'a ModelRef) -> Self {
         Self {
             id: &v.id,
-            source,
+            source: VerdictSource { message: source, uri: None },
             score: v.score,
             score_kind: v.score_kind,
             threshold: v.threshold,
@@ -54,7 +66,19 @@ impl<'a> VerdictRecord<'a> {
             layers: &v.layers,
             model,
             scored_at: rfc3339_now(),
+            input: None,
         }
+    }
+
+    /// Adds a reference's URI and an event's passthrough fields.
+    pub fn with_input(
+        mut self,
+        uri: Option<&'a str>,
+        input: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    ) -> Self {
+        self.source.uri = uri;
+        self.input = input;
+        self
     }
 }
 

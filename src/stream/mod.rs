@@ -23,6 +23,7 @@ pub mod message;
 pub mod offsets;
 pub mod producer;
 pub mod publish;
+pub mod resolve;
 pub mod scorer;
 pub mod supervise;
 pub mod tail;

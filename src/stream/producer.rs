@@ -512,6 +512,10 @@ pub fn dead_letter_record(
         headers::text("dlsr-source-partition", source.partition.to_string()),
         headers::text("dlsr-source-offset", source.offset.to_string()),
     ];
+    let ours = match &work.resolved.uri {
+        Some(uri) => ours.into_iter().chain([headers::text("dlsr-source-uri", uri.clone())]).collect(),
+        None => ours,
+    };
     let limit = topics.message_max_bytes.saturating_sub(RECORD_OVERHEAD_BYTES);
     let mut key = work.key;
     let mut extra = Vec::new();
@@ -661,6 +665,7 @@ mod tests {
             generation: 3,
             skipped: None,
             held: crate::stream::budget::Held::none(),
+            resolved: Default::default(),
         }
     }
 

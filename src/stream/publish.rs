@@ -170,24 +170,42 @@ impl Publisher {
     }
 }
 
+/// How `publish` writes an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishAs {
+    /// The image's bytes as the value.
+    Bytes,
+    /// A JSON event `{"id": ..., "uri": ...}` referring to where the image already is
+    /// (the claim-check pattern); nothing is read.
+    Reference,
+}
+
 /// Publishes every item of `set` to `topic`, at most `rate` messages per second.
 pub fn publish_set(
     publisher: &mut Publisher,
     set: &DataSet,
     topic: &str,
     rate: Option<f64>,
+    how: PublishAs,
 ) -> Result<u64, PublishError> {
     let started = Instant::now();
     let mut unreadable = 0;
-    for (i, item) in set.iter().enumerate() {
+    for i in 0..set.len() {
         if let Some(r) = rate.filter(|r| *r > 0.0) {
             let due = started + Duration::from_secs_f64(i as f64 / r);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
         }
-        match item {
-            Ok(item) => publisher.send(topic, &item.id, &item_bytes(&item)?)?,
+        let sent = match how {
+            PublishAs::Bytes => set.get(i).map(|item| (item.id.clone(), item_bytes(&item))),
+            PublishAs::Reference => set.item_uri(i).map(|(id, uri)| {
+                let event = serde_json::json!({ "id": id, "uri": uri });
+                (id, Ok(event.to_string().into_bytes()))
+            }),
+        };
+        match sent {
+            Ok((id, value)) => publisher.send(topic, &id, &value?)?,
             Err(e) => {
                 tracing::warn!("not published: {e}");
                 unreadable += 1;

@@ -29,7 +29,7 @@ use crate::data::{decode, Preprocess};
 use crate::eval::calibration::Calibration;
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
-use crate::model::score::{pixel_seed, ItemScores, ScoreKind, ScoreSettings};
+use crate::model::score::{ItemScores, ScoreKind, ScoreSettings};
 use crate::telemetry::metrics::Metrics;
 use crate::verdict::judge;
 
@@ -170,60 +170,10 @@ pub struct Decoded {
     pub decoded_at: Instant,
 }
 
-/// A message value as the daemon reads it: decoded under `limits` and preprocessed, with
-/// its noise seed; or the error code and reason it is dead-lettered with. `dlsr audit
-/// --from-topic` reads messages through this too, so both agree on every payload.
-pub fn decode_message(
-    payload: &[u8],
-    limits: &crate::data::DecodeLimits,
-    pre: &Preprocess,
-) -> Result<(Tensor, u64), (&'static str, String)> {
-    decode_message_with(&default_decoder(), payload, limits, pre)
-}
-
-/// Bytes in, RGB image out, under limits: the pure-Rust part of the input chain. A
-/// seam, so a test can put a decoder that panics in the daemon.
-pub type Decoder = Arc<
-    dyn Fn(&[u8], &crate::data::DecodeLimits) -> Result<decode::Image, decode::DecodeError> + Send + Sync,
->;
-
-/// The image crate's decoders ([`decode::decode`]).
-pub fn default_decoder() -> Decoder {
-    Arc::new(decode::decode)
-}
-
-/// [`decode_message`] with a given decoder. A panic inside the decoder (a bug in a
-/// decoding library, all pure Rust) is caught and becomes the error `decoder_panic`: left
-/// alone it would kill the process, and the restarted daemon would read the same message
-/// and die again, a crash loop from one message. Only the decoder is guarded, never
-/// libtorch (a panic there says the process state is suspect: it is a fault).
-pub fn decode_message_with(
-    decoder: &Decoder,
-    payload: &[u8],
-    limits: &crate::data::DecodeLimits,
-    pre: &Preprocess,
-) -> Result<(Tensor, u64), (&'static str, String)> {
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder(payload, limits)));
-    let image = match decoded {
-        Ok(result) => result.map_err(|e| (e.code(), e.to_string()))?,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            return Err((DECODER_PANIC, format!("the image decoder panicked: {what}")));
-        }
-    };
-    let tensor = pre.apply(&image).map_err(|e| ("preprocess", e.to_string()))?;
-    Ok((tensor, pixel_seed(image.width, image.height, &image.rgb)))
-}
+pub use crate::data::chain::{default_decoder, Decoder, DECODER_PANIC};
 
 /// Decodes at least this large trim the allocator's free memory when they are done.
 const LARGE_DECODE_BYTES: u64 = 64 << 20;
-
-/// The dead-letter code of a message whose decoding panicked.
-pub const DECODER_PANIC: &str = "decoder_panic";
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
 /// dead-lettered with their error code.
@@ -260,10 +210,11 @@ pub fn decode_worker(
         let started = Instant::now();
         // Reserve the image's peak bytes before decoding it (dimensions from its header);
         // a header the limits refuse is dead-lettered by the decode below.
-        let header = std::panic::catch_unwind(|| decode::dimensions(&work.payload, &limits));
+        let bytes = work.image_bytes();
+        let header = std::panic::catch_unwind(|| decode::dimensions(bytes, &limits));
         let reservation =
             header.ok().and_then(Result::ok).map(|(w, h)| budget.reserve(decode::decode_bytes(w, h)));
-        let result = decode_message_with(&decoder, &work.payload, &limits, &pre);
+        let result = crate::data::chain::decode_to_tensor(&decoder, bytes, &limits, &pre);
         // After a large image, hand its freed pages back at once rather than at the next
         // 5-second trim, so the next large one does not stack on top of them.
         if reservation.as_ref().is_some_and(|r| r.bytes() >= LARGE_DECODE_BYTES) {
@@ -271,7 +222,7 @@ pub fn decode_worker(
         }
         drop(reservation);
         metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
-        if matches!(result, Err((DECODER_PANIC, _))) {
+        if matches!(result, Err(crate::data::chain::InputError::DecoderPanic(_))) {
             metrics.decoder_panics.inc();
         }
         match result {
@@ -280,7 +231,7 @@ pub fn decode_worker(
                     return;
                 }
             }
-            Err((code, msg)) => output.dead_letter(work, code, &msg),
+            Err(e) => output.dead_letter(work, e.code(), &e.to_string()),
         }
     }
 }
@@ -455,7 +406,9 @@ impl ScoringStage {
             return self.output.done(work.ack());
         }
         let label = if verdict.is_ood { "ood" } else { "id" };
-        match serde_json::to_vec(&VerdictRecord::new(&verdict, &work.source, &info.model_ref)) {
+        let record = VerdictRecord::new(&verdict, &work.source, &info.model_ref)
+            .with_input(work.resolved.uri.as_deref(), work.resolved.input.as_ref());
+        match serde_json::to_vec(&record) {
             Ok(value) => self.output.verdict(work, value, label),
             Err(e) => self.output.dead_letter(work, "scoring_failed", &e.to_string()),
         }

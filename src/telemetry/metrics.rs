@@ -44,6 +44,11 @@ pub struct Metrics {
     pub input_errors: IntCounterVec,
     pub decoder_panics: IntCounter,
     pub in_flight_bytes: IntGauge,
+    pub fetch_seconds: HistogramVec,
+    pub fetch_bytes: IntCounterVec,
+    pub fetch_errors: IntCounterVec,
+    pub fetches_in_flight: IntGauge,
+    pub fetch_stores_unreachable: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -303,6 +308,32 @@ impl Metrics {
                 "dlsr_in_flight_bytes",
                 "Bytes the pipeline holds for messages in flight (payloads and decoded images), \
                  bounded by pipeline.in_flight_bytes.",
+            ),
+            fetch_seconds: histogram(
+                &r,
+                "dlsr_fetch_seconds",
+                "Time to fetch a referenced image, retries included, by URI scheme.",
+                &["scheme"],
+                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            fetch_bytes: counter(
+                &r,
+                "dlsr_fetch_bytes_total",
+                "Bytes of referenced images fetched.",
+                &["scheme"],
+            ),
+            fetch_errors: counter(
+                &r,
+                "dlsr_fetch_errors_total",
+                "Failed fetch attempts, by scheme and code: transient (timeout, server_error, unreachable; \
+                 retried) or permanent (a dead-letter code such as fetch_not_found).",
+                &["scheme", "code"],
+            ),
+            fetches_in_flight: int_gauge(&r, "dlsr_fetches_in_flight", "Reference fetches in progress."),
+            fetch_stores_unreachable: int_gauge(
+                &r,
+                "dlsr_fetch_stores_unreachable",
+                "Object stores that referenced images are waiting on because they cannot be reached.",
             ),
             registry: r,
         }

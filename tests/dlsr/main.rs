@@ -12,6 +12,7 @@ mod model;
 mod ops;
 mod peer;
 mod pipeline;
+mod references;
 mod secured;
 mod stream;
 mod topics;
