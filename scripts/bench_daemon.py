@@ -4,22 +4,12 @@ Fashion-MNIST images published, `dlsr serve` started; measures messages/s until 
 message is scored (from /metrics), offline `dlsr score` on the same images, end-to-end
 latency p50/p99 at about half the measured rate, and resident memory after N and
 10N messages (MEM_CHUNKS+1 batches of N), sampled after each batch. Prints a Markdown table. Usage: bench_daemon.py BIN BUNDLE IDX N"""
-import os, re, socket, subprocess, sys, tempfile, time, urllib.request
+import os, re, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import ROOT, free_port, metrics, rate_until, start_tansu, total, wait_metrics  # noqa: E402
 
 BIN, BUNDLE, DATA, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def metrics(port):
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-
-
-def total(text, name):
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 def quantile(text, name, q):
@@ -42,13 +32,8 @@ def rss_mb(pid):
             return int(line.split()[1]) / 1024
 
 
-kport, mport = free_port(), free_port()
-url = f"tcp://127.0.0.1:{kport}"
-tansu = subprocess.Popen([os.path.join(ROOT, ".deps/bin/tansu"), "broker", "--listener-url", url,
-                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-brokers = f"127.0.0.1:{kport}"
-time.sleep(0.5)
+mport = free_port()
+tansu, brokers = start_tansu()
 tmp = tempfile.mkdtemp()
 cfg = os.path.join(tmp, "dlsr.toml")
 open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "bench"\npublish = "all"\n[model]\nbundle = "{BUNDLE}"\n
@@ -66,20 +51,8 @@ try:
 
     publish(N)  # the topic is created on first produce
     daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            metrics(mport); break
-        except OSError:
-            time.sleep(0.2)
-    start = None
-    while True:
-        done = total(metrics(mport), "dlsr_verdicts_total")
-        if start is None and total(metrics(mport), "dlsr_messages_consumed_total") > 0:
-            start = time.time()
-        if done >= N:
-            break
-        time.sleep(0.2)
-    rate = N / (time.time() - start)
+    wait_metrics(mport)
+    rate = rate_until(mport, N)
     rss_n = rss_mb(daemon.pid)
 
     t = time.time()

@@ -14,6 +14,9 @@
 #                                files, same threads, at 64 and 224 px: encoder alone and
 #                                end to end, best of ROUNDS (2) alternating runs; env:
 #                                N64 (files at 64 px, 4000), N224 (files at 224 px, 400)
+#   scripts/benchmark.sh references  the daemon on S3 references (moto's server behind a
+#                                20 ms-per-request proxy) vs raw values, same PNGs; env: N
+#                                (4000), LATENCY_MS (20), ROUNDS (2)
 #   scripts/benchmark.sh daemon  messages/s through a real broker (tansu) vs offline
 #                                `dlsr score`, latency at half that rate, memory over time;
 #                                env: SIZE (input px, 64), N (messages per batch, 10000),
@@ -122,6 +125,14 @@ PY
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-5000}" --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
     { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
     python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md" ;;
+  references)
+    N="${N:-4000}"
+    bash scripts/setup-moto.sh >/dev/null
+    rm -rf "$OUT/png"
+    python3 benches/peer/make_pngs.py "$OUT/png" "$TEST" "$MNIST" "$N" "0"
+    "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-3000}" --input-size "${SIZE:-64}" --epochs 5 --out "$OUT/m.safetensors" >/dev/null
+    { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
+    "$DEPS_DIR/moto-venv/bin/python" scripts/bench_references.py "$BIN" "$OUT/m.safetensors" "$OUT/png" "$N" | tee -a "$OUT/summary.md" ;;
   memory)
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-2000}" --epochs 2 --out "$OUT/m.safetensors" "$@" >/dev/null
     "$DEPS_DIR/peer-venv/bin/python" scripts/memory_check.py "$BIN" "$PWD/$OUT/m.safetensors" "$OUT/sets" | tee "$OUT/summary.md" ;;

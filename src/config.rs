@@ -1071,6 +1071,43 @@ mod tests {
     }
 
     #[test]
+    fn input_formats_per_topic_and_fetch_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlsr.toml");
+        let write = |extra: &str| {
+            std::fs::write(&path, format!("[kafka]\ninput_topics = [\"raw-cams\", \"events\"]\n{extra}"))
+                .unwrap();
+            Config::load_with_env(
+                Some(&path),
+                env(&[("DLSR__INPUT__ALLOWED_HOSTS", "a.example, b.example:8443")]),
+            )
+        };
+        let cfg = write(
+            "[input]\nformat = \"raw\"\n[input.topics.events]\nformat = \"json\"\nuri_pointer = \"/ref\"\n\
+             passthrough_pointers = [\"/camera\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.input.allowed_hosts, ["a.example", "b.example:8443"]);
+        assert_eq!(cfg.input.envelope_for("raw-cams").format, Format::Raw);
+        let events = cfg.input.envelope_for("events");
+        assert_eq!(
+            (events.format, events.uri_pointer.as_str(), events.image_pointer.as_str()),
+            (Format::Json, "/ref", "/image")
+        );
+        for (extra, key) in [
+            ("[input.topics.nope]\nformat = \"json\"\n", "input.topics.nope"),
+            ("[input]\nuri_pointer = \"uri\"\n", "input.uri_pointer"),
+            ("[input]\nformat = \"json\"\nimage_pointer = \"\"\nuri_pointer = \"\"\n", "input.format"),
+            ("[input]\nfile_root = \"/no/such/folder\"\n", "input.file_root"),
+            ("[input]\nfetch_concurrency = 0\n", "input.fetch_concurrency"),
+            ("[input]\nformat = \"xml\"\n", "format"),
+        ] {
+            let err = write(extra).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn environment_values_are_kept_as_written_and_typed_fields_still_parse() {
         let cfg = Config::load_with_env(
             None,

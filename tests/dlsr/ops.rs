@@ -372,7 +372,7 @@ fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every
     // after an event this stream does not cause.
     let kinds = query(port, "group by (kind) (dlsr_threshold)");
     let kind = kinds["data"]["result"][0]["metric"]["kind"].as_str().expect("no score kind").to_string();
-    let event_only = ["dlsr_delivery_errors_total", "dlsr_config_reloads_total"];
+    let event_only = ["dlsr_delivery_errors_total", "dlsr_config_reloads_total", "dlsr_fetch_seconds"];
     let d = dashboard();
     let mut checked = 0;
     for v in d["templating"]["list"].as_array().unwrap() {
