@@ -4,7 +4,11 @@ on claim-check references against its rate on raw values, same images, one run.
 
 moto's S3-compatible server on 127.0.0.1 holds N Fashion-MNIST PNGs; the daemon reaches
 it through a TCP proxy that delays every request by LATENCY_MS (20), as a remote store
-would. Phases alternate ROUNDS (2) times: raw PNG values on one topic, JSON references
+would. moto is Python and spends about 4 ms of CPU per GET, on the cores the scorer
+needs, so a second store answers the same S3 GETs from memory after the same delay
+(`quick_s3`, asyncio, about 0.1 ms of CPU per request): that row shows what fetch
+concurrency does about latency, the moto row what a real server on the same 2 cores
+costs. Phases alternate ROUNDS (2) times: raw PNG values on one topic, JSON references
 `{"id", "uri": "s3://bench/png/..."}` (from `dlsr publish --as-reference`) on another,
 each through a fresh daemon and consumer group. Prints a Markdown table.
 Run with the moto venv's python (it has boto3).
@@ -18,6 +22,12 @@ import boto3  # noqa: E402
 BIN, BUNDLE, PNGS, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 LATENCY = float(os.environ.get("LATENCY_MS", "20")) / 1000
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def delaying_proxy(listen_port, upstream_port):
@@ -47,7 +57,38 @@ def delaying_proxy(listen_port, upstream_port):
     threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
 
 
-s3_port, proxy_port, = free_port(), free_port()
+def quick_s3(port, folder):
+    """Answers `GET /bench/png/NAME` (any signature) with the file after LATENCY, keep-alive."""
+    blobs = {f"/bench/png/{n}": open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+
+    async def handle(reader, writer):
+        try:
+            while line := await reader.readline():
+                path = line.split()[1].decode() if len(line.split()) > 1 else ""
+                while (h := await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                await asyncio.sleep(LATENCY)
+                body = blobs.get(path.split("?")[0])
+                if body is None:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nLast-Modified: Thu, 03 Dec 2026 12:00:00 GMT\r\n"
+                                 + f'ETag: "{len(body)}"\r\nContent-Length: {len(body)}\r\n\r\n'.encode() + body)
+                await writer.drain()
+        except (ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+
+
+s3_port, proxy_port, quick_port = free_port(), free_port(), free_port()
 moto = subprocess.Popen([os.path.join(ROOT, ".deps/moto-venv/bin/moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 tansu, brokers = start_tansu()
@@ -62,6 +103,7 @@ try:
     for name in files:
         s3.upload_file(os.path.join(PNGS, name), "bench", f"png/{name}")
     delaying_proxy(proxy_port, s3_port)
+    quick_s3(quick_port, PNGS)
 
     def publish(topic, *spec):
         subprocess.run([BIN, "publish", "--brokers", brokers, "--topic", topic, "--partitions", "3", *spec],
@@ -73,34 +115,43 @@ try:
     publish("raw", PNGS, "--limit", str(N))
     publish("refs", "--as-reference", "s3://bench/png/")
 
-    def serve(topic, group):
+    def serve(topic, group, endpoint_port=proxy_port):
         port = free_port()
         cfg = os.path.join(tempfile.mkdtemp(), "dlsr.toml")
         open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "{group}"\ninput_topics = ["{topic}"]
 publish = "all"\n[model]\nbundle = "{BUNDLE}"\n[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nlevel = "warn"
-[input.object_store]\nendpoint = "http://127.0.0.1:{proxy_port}"\nallow_http = true\n""")
+[input.object_store]\nendpoint = "http://127.0.0.1:{endpoint_port}"\nallow_http = true\n""")
         daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env=env)
         try:
             wait_metrics(port)
+            cpu = (cpu_seconds(daemon.pid), cpu_seconds(moto.pid) + time.process_time())
             rate = rate_until(port, N)
+            cpu = (cpu_seconds(daemon.pid) - cpu[0], cpu_seconds(moto.pid) + time.process_time() - cpu[1])
             text = metrics(port)
             dead = total(text, "dlsr_dead_letters_total")
             fetched = total(text, "dlsr_fetch_bytes_total")
         finally:
             daemon.terminate(); daemon.wait(timeout=60)
-        return rate, dead, fetched
+        return rate, dead, fetched, cpu
 
-    raw, refs = [], []
+    raw, refs, quick = [], [], []
     for r in range(ROUNDS):
         raw.append(serve("raw", f"raw-{r}"))
+        quick.append(serve("refs", f"quick-{r}", quick_port))
         refs.append(serve("refs", f"refs-{r}"))
     best_raw = max(x[0] for x in raw)
     best_refs = max(x[0] for x in refs)
-    assert all(x[1] == 0 for x in raw + refs), f"dead letters: raw {raw} refs {refs}"
+    best_quick = max(x[0] for x in quick)
+    assert all(x[1] == 0 for x in raw + refs + quick), f"dead letters: raw {raw} refs {refs} quick {quick}"
+    ms = f"{LATENCY * 1000:.0f} ms per request"
     print(f"| daemon on raw PNG values ({N} messages, best of {ROUNDS}) | {best_raw:.0f} msg/s |")
-    print(f"| daemon on S3 references, {LATENCY * 1000:.0f} ms per request (best of {ROUNDS}) | {best_refs:.0f} msg/s |")
-    print(f"| references / raw | {best_refs / best_raw:.2f} |")
+    print(f"| daemon on S3 references, in-memory S3 GET responder, {ms} | {best_quick:.0f} msg/s ({best_quick / best_raw:.2f} x raw) |")
+    print(f"| daemon on S3 references, moto behind a proxy, {ms} | {best_refs:.0f} msg/s ({best_refs / best_raw:.2f} x raw) |")
     print(f"| bytes fetched per reference run | {refs[-1][2] / 1e6:.1f} MB |")
+    per = lambda runs, i: 1000 * sum(x[3][i] for x in runs) / (N * len(runs))
+    print(f"| daemon CPU per message: raw / in-memory responder / moto | {per(raw, 0):.2f} / {per(quick, 0):.2f} / {per(refs, 0):.2f} ms |")
+    print(f"| store, proxy and responder CPU per message: raw / in-memory responder / moto | {per(raw, 1):.2f} / {per(quick, 1):.2f} / {per(refs, 1):.2f} ms |")
+    print(f"| cores | {os.cpu_count()} |")
 finally:
     tansu.kill()
     moto.kill()

@@ -13,7 +13,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::stream::client_log::GatedContext;
-use crate::stream::message::Source;
 use crate::stream::topics;
 pub use crate::stream::topics::TopicError;
 
@@ -49,12 +48,8 @@ pub struct PartitionRange {
     pub read: u64,
 }
 
-/// One message of the range.
-pub struct TopicMessage {
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub source: Source,
-}
+/// A message as the audit reads it: the one owned record type.
+pub use crate::stream::message::Record as TopicMessage;
 
 pub struct TopicReader {
     consumer: BaseConsumer<GatedContext>,
@@ -168,17 +163,7 @@ impl TopicReader {
             if strict && next[i] >= self.ranges[i].end {
                 done[i] = true;
             }
-            let source = Source {
-                topic: self.topic.clone(),
-                partition: message.partition(),
-                offset,
-                timestamp: message.timestamp().to_millis(),
-            };
-            let m = TopicMessage {
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                source,
-            };
+            let m = TopicMessage::from_message(&message);
             match f(m) {
                 Ok(true) => {}
                 Ok(false) => break Ok(()),

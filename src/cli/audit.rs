@@ -392,10 +392,10 @@ fn audit_topic(
         }
         let key_id = item_id(m.key.as_deref(), &m.source);
         // The daemon's input chain: the same envelopes, fetches, limits and error codes.
-        let read = crate::data::chain::unpack(&m.payload, &spec).and_then(|mut u| {
+        let read = crate::data::chain::unpack(&m.value, &spec).and_then(|mut u| {
             let observer = crate::data::reference::Unobserved;
             runtime.block_on(crate::data::chain::fetch_into(&mut u, &fetcher, &observer))?;
-            let image = u.image.as_deref().unwrap_or(&m.payload);
+            let image = u.image.as_deref().unwrap_or(&m.value);
             let tensor = crate::data::chain::decode_to_tensor(&decoder, image, &limits, &pre)?;
             Ok((u.id, tensor))
         });

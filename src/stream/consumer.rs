@@ -42,9 +42,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use super::headers::Header;
-use super::input::{self, FaultClass, InputFaults, PartitionError, Polled, RawMessage, SkipStep, Skipper};
-use super::message::{item_id, Source};
+use super::input::{self, FaultClass, InputFaults, PartitionError, Polled, SkipStep, Skipper};
+use super::message::{Record, Source};
 use super::offsets::{Ack, OffsetTracker, TopicPartition};
 use crate::config::OnUnreadable;
 use crate::telemetry::metrics::Metrics;
@@ -63,11 +62,8 @@ pub struct Skipped {
 /// A consumed message on its way through the pipeline.
 #[derive(Debug)]
 pub struct Work {
-    pub source: Source,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    /// Every header, byte for byte ([`headers`]).
-    pub headers: Vec<Header>,
+    /// The message as consumed (dead letters carry it unchanged).
+    pub record: Record,
     /// The assignment it was read under.
     pub generation: u64,
     /// Set when this item stands for offsets that could not be read (skip policy).
@@ -95,8 +91,8 @@ pub struct Resolved {
 impl Work {
     pub fn ack(&self) -> Ack {
         Ack {
-            tp: (self.source.topic.clone(), self.source.partition),
-            offset: self.source.offset,
+            tp: (self.record.source.topic.clone(), self.record.source.partition),
+            offset: self.record.source.offset,
             generation: self.generation,
         }
     }
@@ -104,22 +100,19 @@ impl Work {
     pub fn id(&self) -> String {
         match &self.resolved.id {
             Some(id) => id.clone(),
-            None => item_id(self.key.as_deref(), &self.source),
+            None => self.record.id(),
         }
     }
 
     /// The encoded image: the resolved bytes, else the payload.
     pub fn image_bytes(&self) -> &[u8] {
-        self.resolved.image.as_deref().unwrap_or(&self.payload)
+        self.resolved.image.as_deref().unwrap_or(&self.record.value)
     }
 
-    fn from_raw(msg: RawMessage, generation: u64) -> Self {
+    fn from_raw(record: Record, generation: u64) -> Self {
         Work {
             held: super::budget::Held::none(),
-            source: msg.source,
-            key: msg.key,
-            payload: msg.payload,
-            headers: msg.headers,
+            record,
             generation,
             skipped: None,
             resolved: Resolved::default(),
@@ -128,9 +121,7 @@ impl Work {
 
     /// Bytes this item holds (what `pipeline.in_flight_bytes` counts before decoding).
     pub fn byte_len(&self) -> usize {
-        self.payload.len()
-            + self.key.as_ref().map_or(0, Vec::len)
-            + super::headers::payload_len(&self.headers)
+        self.record.byte_len()
     }
 }
 
@@ -624,15 +615,17 @@ impl ConsumerStage {
             "skipped {count} unreadable offset(s) (kafka.on_unreadable = \"skip\"); a dead letter names them"
         );
         Some(Work {
-            source: Source {
-                topic: range.tp.0.clone(),
-                partition: range.tp.1,
-                offset: range.first,
-                timestamp: None,
+            record: Record {
+                source: Source {
+                    topic: range.tp.0.clone(),
+                    partition: range.tp.1,
+                    offset: range.first,
+                    timestamp: None,
+                },
+                key: None,
+                value: Vec::new(),
+                headers: Vec::new(),
             },
-            key: None,
-            payload: Vec::new(),
-            headers: Vec::new(),
             generation,
             skipped: Some(Skipped { last: range.last, code: code.to_string(), reason: reason.to_string() }),
             held: super::budget::Held::none(),

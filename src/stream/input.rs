@@ -29,18 +29,9 @@ use std::time::{Duration, Instant};
 use rdkafka::bindings as rdsys;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::headers::{self, Header};
-use super::message::Source;
+use super::headers;
+use super::message::{Record, Source};
 use super::offsets::TopicPartition;
-
-/// One message as read, owned (the event it came in is destroyed at once).
-#[derive(Debug, Clone)]
-pub struct RawMessage {
-    pub source: Source,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub headers: Vec<Header>,
-}
 
 /// A partition-level error as librdkafka reported it.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +48,7 @@ pub struct PartitionError {
 /// What one poll of the consumer queue gave.
 #[derive(Debug)]
 pub enum Polled {
-    Message(RawMessage),
+    Message(Record),
     PartitionError(PartitionError),
     /// Nothing for the pipeline (a timeout, or an event handled in place).
     Nothing,
@@ -244,7 +235,7 @@ unsafe fn message_error(msg: *const rdsys::rd_kafka_message_t) -> PartitionError
     }
 }
 
-unsafe fn raw_message(msg: *const rdsys::rd_kafka_message_t) -> RawMessage {
+unsafe fn raw_message(msg: *const rdsys::rd_kafka_message_t) -> Record {
     let m = &*msg;
     let bytes = |p: *mut std::ffi::c_void, len: usize| {
         (!p.is_null()).then(|| std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec())
@@ -254,10 +245,10 @@ unsafe fn raw_message(msg: *const rdsys::rd_kafka_message_t) -> RawMessage {
     let timestamp = (ts_type != rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE
         && ts >= 0)
         .then_some(ts);
-    RawMessage {
+    Record {
         source: Source { topic: topic_of(msg), partition: m.partition, offset: m.offset, timestamp },
         key: bytes(m.key, m.key_len),
-        payload: bytes(m.payload, m.len).unwrap_or_default(),
+        value: bytes(m.payload, m.len).unwrap_or_default(),
         headers: headers::read_raw(msg.cast_mut()),
     }
 }

@@ -8,6 +8,45 @@ use serde::Serialize;
 use crate::model::score::LayerScore;
 use crate::verdict::{Scores, Verdict};
 
+/// A Kafka record, owned: what the daemon consumes, `dlsr tail` shows and the topic
+/// audit reads. One type, so a record is copied out of librdkafka the same way everywhere
+/// (headers byte for byte, a missing timestamp as None).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub source: Source,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<super::headers::Header>,
+}
+
+impl Record {
+    /// Copies a message read through rust-rdkafka.
+    pub fn from_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        use rdkafka::Message;
+        Record {
+            source: Source {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp: m.timestamp().to_millis(),
+            },
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: super::headers::read(m),
+        }
+    }
+
+    /// The item id: the key as UTF-8, else `topic/partition/offset`.
+    pub fn id(&self) -> String {
+        item_id(self.key.as_deref(), &self.source)
+    }
+
+    /// Key, value and header bytes.
+    pub fn byte_len(&self) -> usize {
+        self.value.len() + self.key.as_ref().map_or(0, Vec::len) + super::headers::payload_len(&self.headers)
+    }
+}
+
 /// Where a message came from.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Source {

@@ -408,11 +408,11 @@ impl Output {
 
     /// Publishes a verdict, or dead-letters its input when the verdict would not fit.
     pub fn verdict(&self, work: Work, value: Vec<u8>, label: &str) {
-        let mut headers = work.headers.clone();
+        let mut headers = work.record.headers.clone();
         headers.push(headers::text("dlsr-verdict", label));
         let record = OutputRecord {
             topic: self.topics.verdicts.clone(),
-            key: work.key.clone(),
+            key: work.record.key.clone(),
             value,
             headers,
             ack: work.ack(),
@@ -432,10 +432,10 @@ impl Output {
 
     /// Sends a message to the dead-letter topic with the reason, cut to fit.
     pub fn dead_letter(&self, work: Work, code: &str, error: &str) {
-        let topic = work.source.topic.clone();
+        let topic = work.record.source.topic.clone();
         self.metrics.record_dead_letter(&topic, code);
         self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%topic, partition = work.source.partition, offset = work.source.offset, code, "dead letter: {error}");
+        tracing::warn!(%topic, partition = work.record.source.partition, offset = work.record.source.offset, code, "dead letter: {error}");
         let (record, truncated) = dead_letter_record(work, &self.topics, code, error);
         if truncated {
             self.metrics.record_dead_letter_truncated(&topic);
@@ -447,13 +447,13 @@ impl Output {
     /// empty value, the range and the consumer's error in headers.
     pub fn skipped_range(&self, work: Work) {
         let Some(skipped) = work.skipped.clone() else { return };
-        let topic = work.source.topic.clone();
+        let topic = work.record.source.topic.clone();
         self.metrics.record_dead_letter(&topic, "unreadable");
         self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
-        let first = work.source.offset;
+        let first = work.record.source.offset;
         let error = format!(
             "offsets {first}..={} of {topic}/{} could not be read and were skipped ({}): {}",
-            skipped.last, work.source.partition, skipped.code, skipped.reason
+            skipped.last, work.record.source.partition, skipped.code, skipped.reason
         );
         let (mut record, _) = dead_letter_record(work, &self.topics, "unreadable", &error);
         record.headers.push(headers::text("dlsr-skipped-first-offset", first.to_string()));
@@ -503,7 +503,7 @@ pub fn dead_letter_record(
     error: &str,
 ) -> (OutputRecord, bool) {
     let ack = work.ack();
-    let source = work.source;
+    let source = work.record.source;
     let error: String = error.chars().take(ERROR_TEXT_MAX).collect();
     let ours = vec![
         headers::text("dlsr-error-code", code),
@@ -517,14 +517,14 @@ pub fn dead_letter_record(
         None => ours,
     };
     let limit = topics.message_max_bytes.saturating_sub(RECORD_OVERHEAD_BYTES);
-    let mut key = work.key;
+    let mut key = work.record.key;
     let mut extra = Vec::new();
     if key.as_ref().is_some_and(|k| k.len() > limit / 4) {
         extra.push(headers::text("dlsr-original-key-length", key.as_ref().map_or(0, Vec::len).to_string()));
         key = None;
     }
-    let mut original_headers = work.headers;
-    let mut value = work.payload;
+    let mut original_headers = work.record.headers;
+    let mut value = work.record.value;
     let fixed = |h: &[Header], extra: &[Header], original: &[Header], key: &Option<Vec<u8>>| {
         key.as_ref().map_or(0, Vec::len)
             + headers::payload_len(h)
@@ -658,10 +658,12 @@ mod tests {
 
     fn work(value_len: usize, header_len: usize) -> Work {
         Work {
-            source: Source { topic: "images".into(), partition: 1, offset: 42, timestamp: None },
-            key: Some(b"cat.png".to_vec()),
-            payload: (0..value_len).map(|i| (i % 251) as u8).collect(),
-            headers: vec![(vec![0xff, 0xfe], Some(vec![7u8; header_len]))],
+            record: crate::stream::message::Record {
+                source: Source { topic: "images".into(), partition: 1, offset: 42, timestamp: None },
+                key: Some(b"cat.png".to_vec()),
+                value: (0..value_len).map(|i| (i % 251) as u8).collect(),
+                headers: vec![(vec![0xff, 0xfe], Some(vec![7u8; header_len]))],
+            },
             generation: 3,
             skipped: None,
             held: crate::stream::budget::Held::none(),
@@ -691,7 +693,7 @@ mod tests {
     fn an_oversized_dead_letter_is_cut_to_fit_and_says_so() {
         use sha2::Digest;
         let w = work(1_500_000, 10);
-        let sha = hex::encode(sha2::Sha256::digest(&w.payload));
+        let sha = hex::encode(sha2::Sha256::digest(&w.record.value));
         let (r, truncated) = dead_letter_record(w, &topics(), "undecodable", "bad");
         assert!(truncated);
         assert!(r.byte_len() + RECORD_OVERHEAD_BYTES <= 100_000, "{} bytes", r.byte_len());

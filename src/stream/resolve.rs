@@ -136,12 +136,12 @@ impl ResolveStage {
                 }
                 continue;
             }
-            let topic = &work.source.topic;
+            let topic = &work.record.source.topic;
             let spec = match specs.get(topic) {
                 Some(s) => s,
                 None => specs.entry(topic.clone()).or_insert_with(|| self.input.envelope_for(topic)),
             };
-            let unpacked = match chain::unpack(&work.payload, spec) {
+            let unpacked = match chain::unpack(&work.record.value, spec) {
                 Ok(u) => u,
                 Err(e) => {
                     self.output.dead_letter(work, e.code(), &e.to_string());

@@ -375,7 +375,7 @@ impl ScoringStage {
             let why = format!("scores are not finite (mse {}, mfsim {}, lr {:?})", s.mse, s.mfsim, s.lr);
             return self.output.dead_letter(work, "non_finite_score", &why);
         }
-        let topic = work.source.topic.clone();
+        let topic = work.record.source.topic.clone();
         let thr = match self.thresholds.read() {
             Ok(t) => t.for_topic(&topic),
             Err(_) => return self.output.dead_letter(work, "scoring_failed", "thresholds unavailable"),
@@ -399,14 +399,15 @@ impl ScoringStage {
         if verdict.is_ood {
             self.counters.flagged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(seconds) = end_to_end_seconds(super::message::now_millis(), work.source.timestamp) {
+        if let Some(seconds) = end_to_end_seconds(super::message::now_millis(), work.record.source.timestamp)
+        {
             m.record_end_to_end(&topic, seconds);
         }
         if !(verdict.is_ood || self.publish == Publish::All) {
             return self.output.done(work.ack());
         }
         let label = if verdict.is_ood { "ood" } else { "id" };
-        let record = VerdictRecord::new(&verdict, &work.source, &info.model_ref)
+        let record = VerdictRecord::new(&verdict, &work.record.source, &info.model_ref)
             .with_input(work.resolved.uri.as_deref(), work.resolved.input.as_ref());
         match serde_json::to_vec(&record) {
             Ok(value) => self.output.verdict(work, value, label),

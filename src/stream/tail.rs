@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Deserialize;
 use serde_json::json;
@@ -51,17 +51,7 @@ pub struct TailOptions {
     pub timeout: Duration,
 }
 
-/// One record as read.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<Header>,
-    pub value: Vec<u8>,
-}
+pub use super::message::Record;
 
 /// The fields of a verdict a reader needs (`docs/verdict.schema.json` has them all).
 #[derive(Debug, Clone, Deserialize)]
@@ -170,11 +160,11 @@ pub fn human_line(record: &Record, kind: &Kind, colour: bool) -> String {
             text.to_string()
         }
     };
-    let time = record.timestamp.map_or_else(|| "-".repeat(24), rfc3339);
+    let time = record.source.timestamp.map_or_else(|| "-".repeat(24), rfc3339);
     let here = Source {
-        topic: record.topic.clone(),
-        partition: record.partition,
-        offset: record.offset,
+        topic: record.source.topic.clone(),
+        partition: record.source.partition,
+        offset: record.source.offset,
         timestamp: None,
     };
     let mut line = format!("{} ", paint(DIM, &time));
@@ -224,7 +214,10 @@ pub fn human_line(record: &Record, kind: &Kind, colour: bool) -> String {
     let _ = write!(
         line,
         "  {}",
-        paint(DIM, &format!("[{}/{}@{}]", record.topic, record.partition, record.offset))
+        paint(
+            DIM,
+            &format!("[{}/{}@{}]", record.source.topic, record.source.partition, record.source.offset)
+        )
     );
     line
 }
@@ -242,10 +235,10 @@ pub fn json_record(record: &Record, kind: &Kind) -> serde_json::Value {
         })
         .collect();
     let mut out = json!({
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "timestamp": record.timestamp,
+        "topic": record.source.topic,
+        "partition": record.source.partition,
+        "offset": record.source.offset,
+        "timestamp": record.source.timestamp,
         "key": record.key.as_ref().map(|k| String::from_utf8_lossy(k)),
         "headers": headers,
     });
@@ -448,17 +441,9 @@ impl Tail {
                     }
                     Ok(m) => m,
                 };
-                let record = Record {
-                    topic: t.topic.clone(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    headers: headers::read(&m),
-                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                };
-                let caught_up = t.caught_up.contains(&record.partition);
-                if !self.keeps(record.timestamp, caught_up) {
+                let record = Record::from_message(&m);
+                let caught_up = t.caught_up.contains(&record.source.partition);
+                if !self.keeps(record.source.timestamp, caught_up) {
                     self.skipped_before_start += 1;
                     continue;
                 }
@@ -476,10 +461,12 @@ mod tests {
 
     fn record(headers: Vec<Header>, value: &[u8]) -> Record {
         Record {
-            topic: "dlsr-dead-letters".into(),
-            partition: 0,
-            offset: 7,
-            timestamp: Some(1_795_730_400_123),
+            source: super::super::message::Source {
+                topic: "dlsr-dead-letters".into(),
+                partition: 0,
+                offset: 7,
+                timestamp: Some(1_795_730_400_123),
+            },
             key: Some(b"cam1/\x1b[2Jframe\n9.png".to_vec()),
             headers,
             value: value.to_vec(),
