@@ -533,6 +533,17 @@ pub struct InputConfig {
     pub object_store: ObjectStoreOptions,
 }
 
+impl KafkaConfig {
+    /// Whether `topic` is one of `input_topics`, by name or by a `^pattern`.
+    pub fn names_input_topic(&self, topic: &str) -> bool {
+        self.input_topics.iter().any(|t| {
+            t == topic
+                || (t.starts_with('^')
+                    && crate::stream::topic_watch::InputSpec::parse(t).is_ok_and(|s| s.matches(topic)))
+        })
+    }
+}
+
 impl Default for InputConfig {
     fn default() -> Self {
         let envelope = EnvelopeSpec::default();
@@ -867,12 +878,7 @@ impl Config {
             }
         }
         for topic in self.thresholds.topics.keys() {
-            let named = k.input_topics.iter().any(|t| {
-                t == topic
-                    || (t.starts_with('^')
-                        && crate::stream::topic_watch::InputSpec::parse(t).is_ok_and(|s| s.matches(topic)))
-            });
-            if !named {
+            if !k.names_input_topic(topic) {
                 return Err(invalid(
                     &format!("thresholds.topics.{topic}"),
                     format!(
@@ -933,12 +939,7 @@ impl Config {
         }
         self.input.validate()?;
         for topic in self.input.topics.keys() {
-            let named = k.input_topics.iter().any(|t| {
-                t == topic
-                    || (t.starts_with('^')
-                        && crate::stream::topic_watch::InputSpec::parse(t).is_ok_and(|s| s.matches(topic)))
-            });
-            if !named {
+            if !k.names_input_topic(topic) {
                 return Err(invalid(
                     &format!("input.topics.{topic}"),
                     format!("names no input topic (kafka.input_topics = {:?})", k.input_topics),

@@ -257,6 +257,18 @@ impl DataSet {
         }
     }
 
+    /// A file's id: its path under the folder (the path itself for a file SPEC).
+    fn file_id(&self, base: &Path, path: &Path) -> String {
+        self.item_id(
+            path.strip_prefix(base)
+                .ok()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(path)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
     pub fn spec(&self) -> &str {
         &self.spec
     }
@@ -309,14 +321,7 @@ impl DataSet {
         match &self.kind {
             Kind::Files { base, files } => {
                 let path = &files[index];
-                let id = self.item_id(
-                    path.strip_prefix(base)
-                        .ok()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(path)
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                let id = self.file_id(base, path);
                 let bytes = fs::read(path).map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
                 Ok(RawItem { id, content: ItemContent::Encoded(bytes) })
             }
@@ -355,14 +360,7 @@ impl DataSet {
         match &self.kind {
             Kind::Files { base, files } => {
                 let path = &files[index];
-                let id = self.item_id(
-                    path.strip_prefix(base)
-                        .ok()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(path)
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                let id = self.file_id(base, path);
                 let absolute = path.canonicalize().map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
                 let uri = url::Url::from_file_path(&absolute).map_err(|_| ItemError {
                     id: id.clone(),
