@@ -755,17 +755,38 @@ impl reqwest::dns::Resolve for GuardedResolver {
 
 /// Lists the objects under a `scheme://bucket/prefix/` SPEC (offline commands), sorted.
 pub async fn list_prefix(fetcher: &Fetcher, spec: &str) -> Result<Vec<(String, u64)>, FetchError> {
+    let bucket = spec.split_once("://").map_or("", |(_, rest)| rest.split('/').next().unwrap_or_default());
+    if bucket.is_empty() {
+        return Err(bad(format!("{spec:?} names no bucket (s3://bucket/prefix/)")));
+    }
     let probe = if spec.ends_with('/') { format!("{spec}_") } else { format!("{spec}/_") };
     let reference = fetcher.policy.parse(&probe)?;
     if !matches!(reference.location, Location::Cloud { .. } | Location::File { .. }) {
         return Err(bad(format!("{spec:?}: only s3://, gs://, az:// and file:// prefixes can be listed")));
     }
-    let (store, probe_path) = fetcher.store_for(&reference)?;
+    // Errors name the SPEC, not the probe key used to parse it.
+    let named = |e: FetchError| match e {
+        FetchError::BadReference(r) => bad(r.replace(&format!("{probe:?}"), &format!("{spec:?}"))),
+        other => other,
+    };
+    let (store, probe_path) = fetcher.store_for(&reference).map_err(named)?;
     let prefix = probe_path.as_ref().strip_suffix('_').unwrap_or_default().trim_end_matches('/').to_string();
     let prefix_path = (!prefix.is_empty()).then(|| ObjectPath::from(prefix.as_str()));
     let mut listing = store.list(prefix_path.as_ref());
     let mut objects = Vec::new();
-    while let Some(meta) = listing.next().await {
+    // Each page within the attempt timeout: a store that stops answering mid-listing
+    // is an error, not a command that hangs.
+    let timeout = fetcher.policy.timeout;
+    while let Some(meta) =
+        tokio::time::timeout(timeout, listing.next()).await.map_err(|_| FetchError::Timeout {
+            uri: spec.into(),
+            attempts: 1,
+            reason: format!(
+                "listing gave no answer within {:?} (input.fetch_timeout_ms)",
+                fetcher.policy.timeout
+            ),
+        })?
+    {
         let meta = meta.map_err(|e| match classify(e, spec) {
             Attempt::Permanent(e) => e,
             Attempt::Transient { reason, .. } => FetchError::Failed { uri: spec.into(), attempts: 1, reason },

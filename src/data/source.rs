@@ -53,7 +53,8 @@ pub enum DataError {
     BadCsv { path: PathBuf, line: usize, reason: String },
     #[error("{path}: contains no images")]
     NoImages { path: PathBuf },
-    #[error("{spec}: {source}")]
+    /// The error names the SPEC itself.
+    #[error("{source}")]
     Remote { spec: String, source: super::reference::FetchError },
 }
 

@@ -93,3 +93,28 @@ pub fn committed(brokers: &str, group: &str) -> std::collections::BTreeMap<i32, 
         .map(|e| (e.partition(), if let rdkafka::Offset::Offset(o) = e.offset() { Some(o) } else { None }))
         .collect()
 }
+
+/// The daemon's outputs read from the beginning into a map by key, `entry` making each
+/// value, until `n` keys are there or `timeout` passes.
+pub fn read_outputs_by_key<T>(
+    brokers: &str,
+    group: &str,
+    n: usize,
+    timeout: std::time::Duration,
+    mut entry: impl FnMut(&rdkafka::message::BorrowedMessage<'_>, &dyn Fn(&str) -> Option<String>) -> (String, T),
+) -> std::collections::BTreeMap<String, T> {
+    use rdkafka::consumer::Consumer;
+    let reader = output_reader(brokers, group);
+    let mut out = std::collections::BTreeMap::new();
+    let started = std::time::Instant::now();
+    while out.len() < n && started.elapsed() < timeout {
+        let Some(Ok(m)) = reader.poll(std::time::Duration::from_millis(200)) else { continue };
+        let hs = dlsr::stream::headers::read(&m);
+        let text =
+            |k: &str| dlsr::stream::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
+        let (key, value) = entry(&m, &text);
+        out.insert(key, value);
+    }
+    let _ = reader.unsubscribe();
+    out
+}

@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use dlsr::data::reference::{FetchPolicy, Fetcher, Persistence, Unobserved};
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
-use crate::common::{committed, dlsr_bin, free_port, output_reader, wait_until};
+use crate::common::{committed, dlsr_bin, free_port, read_outputs_by_key, wait_until};
 use crate::pipeline::{config, png, start, Behaviour};
 
 // ---------------------------------------------------------------- the HTTP server
@@ -332,27 +331,16 @@ struct Out {
 }
 
 fn read_outputs(brokers: &str, group: &str, n: usize, timeout: Duration) -> BTreeMap<String, Out> {
-    let reader = output_reader(brokers, group);
-    let mut out = BTreeMap::new();
-    let started = Instant::now();
-    while out.len() < n && started.elapsed() < timeout {
-        let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else { continue };
-        let hs = dlsr::stream::headers::read(&m);
-        let text =
-            |k: &str| dlsr::stream::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
+    read_outputs_by_key(brokers, group, n, timeout, |m, text| {
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-        out.insert(
-            key,
-            Out {
-                topic: m.topic().to_string(),
-                code: text("dlsr-error-code").unwrap_or_default(),
-                value: m.payload().unwrap_or_default().to_vec(),
-                uri_header: text("dlsr-source-uri"),
-            },
-        );
-    }
-    let _ = reader.unsubscribe();
-    out
+        let out = Out {
+            topic: m.topic().to_string(),
+            code: text("dlsr-error-code").unwrap_or_default(),
+            value: m.payload().unwrap_or_default().to_vec(),
+            uri_header: text("dlsr-source-uri"),
+        };
+        (key, out)
+    })
 }
 
 fn json_value(out: &Out) -> serde_json::Value {

@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
 use crate::broker::Tansu;
-use crate::common::{committed, output_reader, wait_until};
+use crate::common::{committed, read_outputs_by_key, wait_until};
 use crate::pipeline::{config, png, start, Behaviour, Running};
 
 const OUTPUTS: [(&str, i32); 2] = [("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)];
@@ -53,16 +53,8 @@ fn read_outputs(
     n: usize,
     timeout: Duration,
 ) -> BTreeMap<String, (String, String)> {
-    use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
-    let reader = output_reader(brokers, group);
-    let mut out = BTreeMap::new();
-    let started = Instant::now();
-    while out.len() < n && started.elapsed() < timeout {
-        let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) else { continue };
-        let hs = dlsr::stream::headers::read(&m);
-        let text =
-            |k: &str| dlsr::stream::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
+    read_outputs_by_key(brokers, group, n, timeout, |m, text| {
         // A skipped range's dead letter also names the consumer's error.
         let code = match (text("dlsr-error-code"), text("dlsr-consumer-error-code")) {
             (Some(code), Some(consumer)) => format!("{code}/{consumer}"),
@@ -70,15 +62,12 @@ fn read_outputs(
         };
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let key = if key.is_empty() {
-            let first = dlsr::stream::headers::find(&hs, "dlsr-skipped-first-offset").unwrap_or_default();
-            format!("skipped-from-{}", String::from_utf8_lossy(first))
+            format!("skipped-from-{}", text("dlsr-skipped-first-offset").unwrap_or_default())
         } else {
             key
         };
-        out.insert(key, (m.topic().to_string(), code));
-    }
-    let _ = reader.unsubscribe();
-    out
+        (key, (m.topic().to_string(), code))
+    })
 }
 
 fn daemon_config(brokers: &str, group: &str) -> dlsr::config::Config {
