@@ -13,7 +13,6 @@ use tch::{Kind, Tensor};
 use crate::data::source::{decode_item, ItemErrorKind};
 use crate::data::{DataSet, DecodeLimits, ItemError, Preprocess};
 use crate::model::features::{FeatureExtractor, Features, LayerOffsets};
-use crate::model::score::pixel_seed;
 use crate::model::ModelError;
 use crate::progress::Progress;
 
@@ -56,10 +55,14 @@ pub fn load_item(
 ) -> Result<(String, u64, Tensor), ItemError> {
     let item = set.get(index)?;
     let image = decode_item(&item, limits)?;
-    let seed = pixel_seed(image.width, image.height, &image.rgb);
-    let tensor = pre
-        .apply(&image)
-        .map_err(|e| ItemError { id: item.id.clone(), kind: ItemErrorKind::Preprocess(e.to_string()) })?;
+    // The daemon's preprocessing and seed, so an image scores the same by every path.
+    let (tensor, seed) = crate::data::chain::to_tensor(&image, pre).map_err(|e| {
+        let reason = match e {
+            crate::data::chain::InputError::Preprocess(reason) => reason,
+            other => other.to_string(),
+        };
+        ItemError { id: item.id.clone(), kind: ItemErrorKind::Preprocess(reason) }
+    })?;
     Ok((item.id, seed, tensor))
 }
 

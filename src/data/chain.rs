@@ -81,9 +81,18 @@ pub async fn fetch_into(
         return Ok(());
     }
     let Some(uri) = &unpacked.uri else { return Ok(()) };
-    let reference = fetcher.policy().parse(uri)?;
-    unpacked.image = Some(fetcher.fetch(&reference, observer).await?.bytes);
+    unpacked.image = Some(fetch(uri, fetcher, observer).await?);
     Ok(())
+}
+
+/// The bytes `uri` refers to, under the fetcher's policy.
+pub async fn fetch(
+    uri: &str,
+    fetcher: &Fetcher,
+    observer: &dyn FetchObserver,
+) -> Result<Vec<u8>, InputError> {
+    let reference = fetcher.policy().parse(uri)?;
+    Ok(fetcher.fetch(&reference, observer).await?.bytes)
 }
 
 /// Bytes in, RGB image out, under limits: the pure-Rust part of the chain. A seam, so a

@@ -88,6 +88,14 @@ pub struct Resolved {
     pub held: super::budget::Held,
 }
 
+impl Resolved {
+    /// Keeps `image` as the bytes to decode, held in the in-flight budget.
+    pub fn set_image(&mut self, image: Vec<u8>, payloads: &Arc<super::budget::PayloadBytes>) {
+        self.held = payloads.hold(image.len() as u64);
+        self.image = Some(image);
+    }
+}
+
 impl Work {
     pub fn ack(&self) -> Ack {
         Ack {

@@ -148,35 +148,30 @@ impl ResolveStage {
                     continue;
                 }
             };
-            work.resolved.id = unpacked.id.clone();
-            work.resolved.input = unpacked.input.clone();
-            work.resolved.uri = unpacked.uri.clone();
+            work.resolved.id = unpacked.id;
+            work.resolved.input = unpacked.input;
+            work.resolved.uri = unpacked.uri;
             if let Some(image) = unpacked.image {
-                work.resolved.held = self.payloads.hold(image.len() as u64);
-                work.resolved.image = Some(image);
+                work.resolved.set_image(image, &self.payloads);
             }
-            if work.resolved.uri.is_none() {
+            let Some(uri) = work.resolved.uri.clone() else {
                 if tx.send(work).is_err() {
                     break;
                 }
                 continue;
-            }
+            };
             let Ok(permit) = runtime.block_on(permits.clone().acquire_owned()) else { break };
             let (fetcher, observer, tx) = (fetcher.clone(), observer.clone(), tx.clone());
             let (output, metrics, payloads) =
                 (self.output.clone(), self.metrics.clone(), self.payloads.clone());
             metrics.fetches_in_flight.inc();
             runtime.spawn(async move {
-                let mut unpacked =
-                    chain::Unpacked { image: None, uri: work.resolved.uri.clone(), id: None, input: None };
-                let fetched = chain::fetch_into(&mut unpacked, &fetcher, observer.as_ref()).await;
+                let fetched = chain::fetch(&uri, &fetcher, observer.as_ref()).await;
                 metrics.fetches_in_flight.dec();
                 drop(permit);
                 match fetched {
-                    Ok(()) => {
-                        let image = unpacked.image.unwrap_or_default();
-                        work.resolved.held = payloads.hold(image.len() as u64);
-                        work.resolved.image = Some(image);
+                    Ok(image) => {
+                        work.resolved.set_image(image, &payloads);
                         // The decode channel is bounded: wait on it without stalling the runtime.
                         let _ = tokio::task::block_in_place(|| tx.send(work));
                     }
