@@ -148,7 +148,8 @@ pub fn fit(
         opts.target_fpr,
         &format!("{} (held-out {holdout})", opts.data),
         extractor.encoder.precision(),
-    )?;
+    )?
+    .with_layers(&hold_scores);
     // The scores share the held-out count, so their notes usually say the same: once each.
     let notes: std::collections::BTreeSet<&str> =
         calibration.scores.values().filter_map(|c| c.note.as_deref()).collect();

@@ -12,6 +12,8 @@
 pub mod report;
 pub mod stats;
 pub mod topic;
+pub mod twosample;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::fs::File;

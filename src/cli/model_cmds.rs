@@ -501,7 +501,8 @@ pub fn run_calibrate(args: &CalibrateArgs, quiet: bool) -> anyhow::Result<()> {
     let scores = score_all(&bundle.scorer(&settings), &encoded.values, &encoded.seeds, 256)?;
     let target = args.target_fpr.unwrap_or(bundle.meta.calibration.target_fpr);
     let calibration =
-        Calibration::build(&by_kind(&scores), target, &args.data, extractor.encoder.precision())?;
+        Calibration::build(&by_kind(&scores), target, &args.data, extractor.encoder.precision())?
+            .with_layers(&scores);
     println!(
         "{} items scored, {}",
         encoded.ids.len(),

@@ -34,6 +34,19 @@ pub struct ScoreCalibration {
     pub note: Option<String>,
     /// ID score quantiles at 0, 0.001, ..., 1.
     pub quantiles: Vec<f64>,
+    /// The held-out ID scores themselves, sorted: the reference sample of the window
+    /// audit's two-sample tests (the quantiles are too coarse for its tails). Empty in
+    /// bundles calibrated before it was kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heldout: Vec<f64>,
+}
+
+/// The held-out ID items' cosine similarity between a layer's features and their
+/// reconstruction: where the window audit measures which layer moved.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerStat {
+    pub mean: f64,
+    pub sd: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +60,9 @@ pub struct Calibration {
     #[serde(default)]
     pub precision: Precision,
     pub scores: BTreeMap<ScoreKind, ScoreCalibration>,
+    /// Per layer, over the held-out items (empty in older bundles).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_cos: Vec<LayerStat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +130,7 @@ pub fn calibrate_scores(scores: &[f64], target_fpr: f64) -> Result<ScoreCalibrat
         achievable,
         note,
         quantiles,
+        heldout: s,
     })
 }
 
@@ -193,7 +210,23 @@ impl Calibration {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| Ok((*k, calibrate_scores(v, target_fpr)?)))
             .collect::<Result<_, CalibrationError>>()?;
-        Ok(Self { target_fpr, items, source: source.to_string(), precision, scores })
+        Ok(Self { target_fpr, items, source: source.to_string(), precision, scores, layer_cos: Vec::new() })
+    }
+
+    /// Adds the per-layer statistics of the held-out items' scores.
+    pub fn with_layers(mut self, heldout: &[crate::model::score::ItemScores]) -> Self {
+        let layers = heldout.iter().map(|s| s.layers.len()).min().unwrap_or(0);
+        self.layer_cos = (0..layers)
+            .map(|l| {
+                let values: Vec<f64> =
+                    heldout.iter().map(|s| s.layers[l].cos).filter(|v| v.is_finite()).collect();
+                let n = values.len().max(1) as f64;
+                let mean = values.iter().sum::<f64>() / n;
+                let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+                LayerStat { mean, sd: var.sqrt() }
+            })
+            .collect();
+        self
     }
 }
 

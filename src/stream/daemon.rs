@@ -756,6 +756,7 @@ mod tests {
             source: "test".into(),
             precision: Default::default(),
             scores: [(ScoreKind::Mfsim, calibrate_scores(&scores, 0.05).unwrap())].into(),
+            layer_cos: Vec::new(),
         };
         let t = Thresholds {
             default: crate::stream::thresholds::Threshold { kind: ScoreKind::Mfsim, value: 95.0 },

@@ -81,6 +81,7 @@ mod tests {
             source: "test".into(),
             precision: Default::default(),
             scores: [(ScoreKind::Mfsim, calibrate_scores(&scores, 0.05).unwrap())].into(),
+            layer_cos: Vec::new(),
         }
     }
 

@@ -66,6 +66,7 @@ pub(crate) fn stub_info() -> ModelInfo {
             source: "stub".into(),
             precision: Default::default(),
             scores: [(ScoreKind::Mfsim, cal.clone()), (ScoreKind::Mse, cal)].into(),
+            layer_cos: Vec::new(),
         },
         default_score: ScoreKind::Mfsim,
         has_lr: false,
@@ -424,8 +425,13 @@ fn a_dead_letter_topic_that_keeps_refusing_blocks_the_output_commits_nothing_pas
         daemon.metric("dlsr_output_blocked{code=\"topic_authorization_failed\",topic=\"dlsr-dead-letters\"}")
             == 1.0
     });
-    wait_until("/readyz 503", Duration::from_secs(10), || daemon.readyz().0 == 503);
-    assert!(daemon.readyz().1.contains("dlsr-dead-letters"), "{:?}", daemon.readyz());
+    // Readiness is re-evaluated on the daemon's tick, so an earlier 503 (the wait for the
+    // assignment) can still be the answer for a moment after the metric moved: wait for
+    // the reason, not for any 503.
+    wait_until("/readyz 503 naming the refusing topic", Duration::from_secs(10), || {
+        let (status, body) = daemon.readyz();
+        status == 503 && body.contains("dlsr-dead-letters")
+    });
     assert!(daemon.metric("dlsr_delivery_errors_total") >= 1.0);
     let during = committed(&brokers, "g-blocked");
     assert!(during.values().all(|c| c.unwrap_or(0) == 0), "committed past refused outputs: {during:?}");
