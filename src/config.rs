@@ -268,6 +268,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub audit: AuditConfig,
 }
 
 /// What the daemon does with a batch of an input partition that cannot be read (it
@@ -648,6 +649,118 @@ impl InputConfig {
     }
 }
 
+/// The window audit (`[audit]`): the stream judged as a dataset, window by window, per
+/// input topic and per source. See `crate::audit::window` and docs/operations.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether the daemon audits windows (false: per-item verdicts only).
+    pub enabled: bool,
+    /// What a source is: "" (the whole topic), "header:NAME" (a message header's value)
+    /// or "json:/pointer" (a field of the JSON event).
+    pub group_by: String,
+    /// Items per window (tumbling, per topic and group).
+    pub window_items: usize,
+    /// A window open this long is closed and judged on what it holds (seconds).
+    pub window_max_seconds: u64,
+    /// A window with fewer items is reported as `too_small`, not judged.
+    pub min_items: usize,
+    /// A window is `shifted` when a test's p-value, corrected for the tests and the
+    /// topic's groups (Bonferroni), is under this.
+    pub alpha: f64,
+    /// Groups per topic; items of further groups are pooled as "other".
+    pub max_groups: usize,
+    /// A group that has had no item for this long is dropped (seconds).
+    pub group_idle_seconds: u64,
+    /// The online detector's mean number of in-distribution items between false alarms
+    /// (per group); its threshold is calibrated to it at start.
+    pub expected_run_time_items: u64,
+    /// The shift the online detector is tuned to, in ID standard deviations of the
+    /// items' normal scores.
+    pub detector_shift_sd: f64,
+    /// Where each closed window's record goes (JSON, docs/window.schema.json); "": none.
+    pub summary_topic: String,
+    /// Bundles calibrated before dlsr kept the held-out scores: test against their 1001
+    /// stored quantiles (with a warning) instead of refusing to start.
+    pub allow_quantile_reference: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            group_by: String::new(),
+            window_items: 1000,
+            window_max_seconds: 600,
+            min_items: 100,
+            alpha: 0.001,
+            max_groups: 100,
+            group_idle_seconds: 3600,
+            expected_run_time_items: 100_000,
+            detector_shift_sd: 0.5,
+            summary_topic: "dlsr-windows".into(),
+            allow_quantile_reference: true,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The auditor's settings, checked.
+    pub fn settings(&self) -> Result<crate::audit::window::WindowSettings, ConfigError> {
+        let settings = crate::audit::window::WindowSettings {
+            window_items: self.window_items,
+            window_max: Some(std::time::Duration::from_secs(self.window_max_seconds.max(1))),
+            min_items: self.min_items,
+            alpha: self.alpha,
+            max_groups: self.max_groups,
+            group_idle: std::time::Duration::from_secs(self.group_idle_seconds.max(1)),
+            expected_run_time_items: self.expected_run_time_items,
+            detector_shift: self.detector_shift_sd,
+        };
+        settings.check().map_err(|e| invalid("audit", e.to_string()))?;
+        Ok(settings)
+    }
+
+    pub fn group_by(&self) -> Result<crate::audit::window::GroupBy, ConfigError> {
+        crate::audit::window::GroupBy::parse(&self.group_by)
+            .map_err(|e| invalid("audit.group_by", e.to_string()))
+    }
+
+    fn validate(&self, kafka: &KafkaConfig) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.settings()?;
+        if self.group_by()? == crate::audit::window::GroupBy::Folder {
+            return Err(invalid(
+                "audit.group_by",
+                "\"folder\" is for offline audits; use header:NAME or json:/pointer",
+            ));
+        }
+        if self.window_max_seconds == 0 || self.group_idle_seconds == 0 {
+            return Err(invalid(
+                "audit.window_max_seconds",
+                "window_max_seconds and group_idle_seconds must be positive",
+            ));
+        }
+        let topic = &self.summary_topic;
+        if !topic.is_empty() {
+            if kafka.names_input_topic(topic) {
+                return Err(invalid(
+                    "audit.summary_topic",
+                    format!(
+                        "{topic:?} is also an input topic (the daemon would read its own window records)"
+                    ),
+                ));
+            }
+            if topic == &kafka.output_topic || topic == &kafka.dead_letter_topic {
+                return Err(invalid("audit.summary_topic", format!("{topic:?} is also an output topic")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -947,6 +1060,7 @@ impl Config {
             }
         }
         self.validate_thresholds()?;
+        self.audit.validate(k)?;
         self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|e| {
             invalid("metrics.listen", format!("{:?} is not host:port ({e})", self.metrics.listen))
         })?;

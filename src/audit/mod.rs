@@ -14,6 +14,7 @@ pub mod stats;
 pub mod topic;
 pub mod twosample;
 pub mod window;
+pub mod window_report;
 
 use std::collections::BTreeMap;
 use std::fs::File;

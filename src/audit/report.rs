@@ -22,6 +22,9 @@ pub struct ReportContext<'a> {
     pub calibration_source: &'a str,
     /// Channels of each feature layer, shallowest first.
     pub layer_channels: &'a [i64],
+    /// The windows of `--window N` (empty: no window section), and their alpha.
+    pub windows: &'a [super::window::WindowRecord],
+    pub window_alpha: f64,
 }
 
 const SET_COLOURS: [&str; 2] = ["#1f77b4", "#ff7f0e"];
@@ -110,7 +113,7 @@ figure.card img{width:100%;aspect-ratio:1;object-fit:contain;background:#111;bor
 figure.card figcaption{margin-top:3px;line-height:1.35;overflow-wrap:anywhere}
 figure.card .id{color:#5b6475;word-break:break-all}
 .note{color:#5b6475;font-size:13px}
-table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #e1e4ea;padding:3px 8px;text-align:left}
+table{border-collapse:collapse;font-size:13px}tr.shifted td{background:#fdecea}td,th{border-bottom:1px solid #e1e4ea;padding:3px 8px;text-align:left}
 .group{border-top:1px solid #e1e4ea;padding-top:8px;margin-top:8px}
 svg text{font-family:inherit}
 "#;
@@ -150,6 +153,7 @@ pub fn render(ctx: &ReportContext, sets: &[&SetSummary]) -> String {
         headline(&mut h, i, s);
     }
     h.push_str("</div></section>");
+    h.push_str(&super::window_report::section(ctx.windows, ctx.window_alpha));
 
     // Score distribution.
     let _ = write!(
@@ -354,7 +358,7 @@ fn layer_bars(distance: &[f32], reference: &[f64]) -> String {
     s
 }
 
-fn nice_ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
+pub(crate) fn nice_ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / count.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());

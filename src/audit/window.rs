@@ -565,7 +565,8 @@ fn unix_ms() -> i64 {
 }
 
 impl WindowAuditor {
-    /// Calibrates a detector for every reference given (one per score kind in use).
+    /// An auditor testing against the given held-out samples (one per score kind); each
+    /// kind's detector is calibrated when its first item comes ([`Self::calibrate`]).
     pub fn new(
         settings: WindowSettings,
         group_by: GroupBy,
@@ -573,7 +574,7 @@ impl WindowAuditor {
         run: String,
     ) -> Result<Self, WindowError> {
         settings.check()?;
-        let mut designs = BTreeMap::new();
+        let designs = BTreeMap::new();
         let mut by_kind = BTreeMap::new();
         for r in references {
             if r.len() < 2 {
@@ -583,13 +584,23 @@ impl WindowAuditor {
                     r.len()
                 )));
             }
-            designs.insert(
-                r.kind,
-                calibrate_cusum(&r, settings.detector_shift, settings.expected_run_time_items),
-            );
             by_kind.insert(r.kind, r);
         }
         Ok(Self { settings, group_by, references: by_kind, designs, groups: BTreeMap::new(), run })
+    }
+
+    /// The detector's design for `kind`, calibrated on first use (about a second of
+    /// simulation per score kind at the default run time; only kinds that score items
+    /// pay for it).
+    pub fn calibrate(&mut self, kind: ScoreKind) -> Option<CusumDesign> {
+        if let Some(d) = self.designs.get(&kind) {
+            return Some(*d);
+        }
+        let reference = self.references.get(&kind)?;
+        let design =
+            calibrate_cusum(reference, self.settings.detector_shift, self.settings.expected_run_time_items);
+        self.designs.insert(kind, design);
+        Some(design)
     }
 
     /// A run id from the wall clock.
@@ -653,8 +664,8 @@ impl WindowAuditor {
     /// Takes in one item; returns the windows it closed (its group's, when full, or one
     /// cut short because the score kind changed).
     pub fn observe(&mut self, item: &Item<'_>) -> Vec<WindowRecord> {
+        let Some(design) = self.calibrate(item.kind) else { return Vec::new() };
         let Some(reference) = self.references.get(&item.kind) else { return Vec::new() };
-        let Some(design) = self.designs.get(&item.kind).copied() else { return Vec::new() };
         let z = reference.normal_score(item.score);
         let group = self.group_name(item.topic, item.group);
         let key = (item.topic.to_string(), group);
@@ -952,6 +963,55 @@ mod tests {
         let rest = a.close_all("end");
         assert_eq!(rest.len(), 1);
         assert_eq!((rest[0].n, rest[0].cut_short, rest[0].verdict.as_str()), (50, true, "too_small"));
+    }
+
+    /// docs/window.schema.json names exactly the fields a record has, at every level a
+    /// reader sees (the record, its tests, the detector, bounds, top, reference).
+    #[test]
+    fn the_published_schema_describes_the_window_record() {
+        let mut state = 3u64;
+        let reference = Reference::new(ScoreKind::Mfsim, id_scores(&mut state, 500), true, Vec::new());
+        let threshold = threshold_of(&reference, 0.05);
+        let mut a = WindowAuditor::new(settings(100), GroupBy::None, vec![reference], "r".into()).unwrap();
+        let record = feed(&mut a, "t", "", &id_scores(&mut state, 100), threshold, &mut 0).remove(0);
+        let value = serde_json::to_value(&record).unwrap();
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/window.schema.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let required = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> =
+                v["required"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+            k.sort();
+            k
+        };
+        let p = &schema["properties"];
+        for (doc, actual) in [
+            (&schema, &value),
+            (&p["tests"], &value["tests"]),
+            (&p["tests"]["properties"]["cusum"], &value["tests"]["cusum"]),
+            (&schema["$defs"]["test"], &value["tests"]["ks"]),
+            (&p["bounds"]["items"], &value["bounds"][0]),
+            (&p["top"]["items"], &value["top"][0]),
+            (&p["reference"], &value["reference"]),
+            (&p["correction"], &value["correction"]),
+        ] {
+            assert_eq!(keys(&doc["properties"]), keys(actual), "schema vs record at {doc}");
+            assert_eq!(required(doc), keys(actual));
+        }
+        let closed_by: Vec<&str> =
+            p["closed_by"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(closed_by.contains(&record.closed_by.as_str()));
+        let test_names: Vec<String> = value["p_adjusted"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(test_names, ["binomial", "cvm", "ks"]);
     }
 
     /// Streams of ID items against a fixed held-out set: over 300 windows the share the

@@ -13,6 +13,7 @@ use tch::Tensor;
 use super::model_cmds::{BundleArgs, JudgingArgs, WorkerModels};
 use super::DataArgs;
 use crate::audit::topic::{parse_time, Start, TopicMessage, TopicRange, TopicReader};
+use crate::audit::window::{GroupBy, Item, Reference, WindowAuditor, WindowRecord};
 use crate::audit::{
     self, report, AuditError, AuditSettings, Outputs, ScoredBatch, SetAudit, SetSummary, Skipped, Thumbnailer,
 };
@@ -72,6 +73,21 @@ pub struct AuditArgs {
     /// read with the defaults (`auto`, `/image`, `/uri`, references to cloud stores only).
     #[arg(long, value_name = "FILE", requires = "from_topic")]
     pub config: Option<PathBuf>,
+    /// Also judge the items window by window, N items each, as the daemon does (files and
+    /// folders in their listed order, --from-topic in offset order): windows.jsonl (the
+    /// daemon's window records, docs/window.schema.json) and a p-value plot in the report.
+    #[arg(long, value_name = "N")]
+    pub window: Option<usize>,
+    /// What a source is for --window: folder (the item's folder), header:NAME or
+    /// json:/pointer (with --from-topic). Default: one group.
+    #[arg(long, value_name = "SPEC", requires = "window")]
+    pub group_by: Option<String>,
+    /// Windows with fewer items are too small to judge (default: 100, at most N).
+    #[arg(long, value_name = "N", requires = "window")]
+    pub window_min_items: Option<usize>,
+    /// A window is shifted when a corrected p-value is under this (the daemon's audit.alpha).
+    #[arg(long, default_value_t = 0.001, requires = "window")]
+    pub alpha: f64,
     #[command(flatten)]
     pub judging: JudgingArgs,
     /// Report title.
@@ -96,6 +112,94 @@ impl Trim {
             crate::memory::release_free_memory();
             self.0 = std::time::Instant::now();
         }
+    }
+}
+
+/// `--window N`: the daemon's window auditor over the items in the order read.
+struct OfflineWindows {
+    auditor: WindowAuditor,
+    records: Vec<WindowRecord>,
+    /// The "topic" of items read from files.
+    label: String,
+    /// The position of the next item read from files (their "offset").
+    next: i64,
+}
+
+impl OfflineWindows {
+    fn new(
+        args: &AuditArgs,
+        n: usize,
+        calibration: &crate::eval::calibration::Calibration,
+        kind: ScoreKind,
+        label: &str,
+    ) -> anyhow::Result<Self> {
+        let defaults = crate::config::AuditConfig::default();
+        let group_by = GroupBy::parse(args.group_by.as_deref().unwrap_or(""))?;
+        if args.from_topic.is_none() && !matches!(group_by, GroupBy::None | GroupBy::Folder) {
+            bail!(
+                "--group-by {:?} reads messages: it needs --from-topic (for files: folder)",
+                args.group_by.as_deref().unwrap_or("")
+            );
+        }
+        if args.from_topic.is_some() && group_by == GroupBy::Folder {
+            bail!("--group-by folder is for files; a topic's messages are grouped by header:NAME or json:/pointer");
+        }
+        let settings = crate::audit::window::WindowSettings {
+            window_items: n,
+            window_max: None,
+            min_items: args.window_min_items.unwrap_or(defaults.min_items.min(n)),
+            alpha: args.alpha,
+            max_groups: defaults.max_groups,
+            group_idle: Duration::from_secs(u64::MAX / 4),
+            expected_run_time_items: defaults.expected_run_time_items,
+            detector_shift: defaults.detector_shift_sd,
+        };
+        let (reference, warning) = Reference::from_calibration(calibration, kind, true)?;
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        let auditor = WindowAuditor::new(settings, group_by, vec![reference], "offline".into())?;
+        Ok(Self { auditor, records: Vec::new(), label: label.to_string(), next: 0 })
+    }
+
+    /// Feeds a scored batch; `groups[i]` is item i's grouping field (messages only).
+    fn add(&mut self, scored: &ScoredBatch, groups: &[Option<Vec<u8>>]) {
+        for (i, (v, source)) in scored.verdicts.iter().zip(&scored.sources).enumerate() {
+            let folder = (*self.auditor.group_by() == GroupBy::Folder).then(|| {
+                std::path::Path::new(&v.id)
+                    .parent()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            let group = folder.map(String::into_bytes).or_else(|| groups.get(i).cloned().flatten());
+            let (topic, partition, offset, timestamp) = match source {
+                Some(s) => (s.topic.as_str(), s.partition, s.offset, s.timestamp),
+                None => (self.label.as_str(), 0, self.next, None),
+            };
+            let layer_cos: Vec<f64> = v.layers.iter().map(|l| l.cos).collect();
+            let item = Item {
+                topic,
+                group: group.as_deref(),
+                partition,
+                offset,
+                timestamp,
+                id: &v.id,
+                kind: v.score_kind,
+                score: v.score,
+                threshold: v.threshold,
+                flagged: v.is_ood,
+                layer_cos: &layer_cos,
+            };
+            let closed = self.auditor.observe(&item);
+            self.records.extend(closed);
+            self.next += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<WindowRecord> {
+        let rest = self.auditor.close_all("end");
+        self.records.extend(rest);
+        self.records
     }
 }
 
@@ -170,17 +274,24 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
         Some(t) => format!("topic {t}"),
         None => args.specs.join(" + "),
     };
-    let mut jobs = vec![("", main_label, args.specs.clone())];
+    let mut jobs = vec![("", main_label.clone(), args.specs.clone())];
     if !args.compare.is_empty() {
         jobs.push(("compare-", format!("compare: {}", args.compare.join(" + ")), args.compare.clone()));
     }
+    let mut windows = match args.window {
+        Some(0 | 1) => bail!("--window needs at least 2 items a window"),
+        Some(n) => Some(OfflineWindows::new(args, n, &meta.calibration, kind, &main_label)?),
+        None => None,
+    };
     for (i, (prefix, label, specs)) in jobs.into_iter().enumerate() {
+        // Windows cover the main set, not --compare's.
+        let windows = if i == 0 { windows.as_mut() } else { None };
         let mut set =
             SetAudit::new(&label, settings.clone(), thumbnailer, &args.out, &format!("{prefix}audit"))?;
         let read = if let (0, Some(range)) = (i, &range) {
-            audit_topic(range, args, &models, &settings, &mut set, &opts, interrupted)
+            audit_topic(range, args, &models, &settings, (&mut set, windows), &opts, interrupted)
         } else {
-            audit_files(args, &models, &settings, (&specs, pre), &mut set, &opts, interrupted)
+            audit_files(args, &models, &settings, (&specs, pre), (&mut set, windows), &opts, interrupted)
                 .map(|()| Vec::new())
         };
         let partitions = match read {
@@ -198,6 +309,16 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
         return Err(AuditError::Interrupted.into());
     }
 
+    let windows = windows.map(OfflineWindows::finish);
+    if let Some(records) = &windows {
+        let path = outputs.stage("windows.jsonl");
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let empty = Vec::new();
     let quantiles = calibration.map(|c| &c.quantiles).unwrap_or(&empty);
     let channels: Vec<i64> = (0..meta.offsets.layers())
@@ -220,6 +341,8 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
         calibration_items: meta.calibration.items,
         calibration_source: &meta.calibration.source,
         layer_channels: &channels,
+        windows: windows.as_deref().unwrap_or(&[]),
+        window_alpha: args.alpha,
     };
     let refs: Vec<&SetSummary> = sets.iter().collect();
     let html = report::render(&ctx, &refs);
@@ -233,6 +356,9 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
     if let Some(obj) = summary.as_object_mut() {
         obj.insert("model".into(), serde_json::json!({"name": model_name, "sha256": sha}));
         obj.insert("generated".into(), serde_json::json!(generated));
+        if let Some(records) = &windows {
+            obj.insert("windows".into(), windows_summary(records, args));
+        }
     }
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)? + "\n")
         .with_context(|| format!("writing {}", summary_path.display()))?;
@@ -256,7 +382,23 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
             eprintln!("warning: {}: no item was scored; the report is empty", s.label);
         }
     }
-    println!("wrote {}/report.html, items.jsonl, summary.json, skipped.jsonl", args.out.display());
+    if let Some(records) = &windows {
+        let shifted: Vec<&WindowRecord> = records.iter().filter(|w| w.shifted()).collect();
+        let too_small = records.iter().filter(|w| w.verdict == "too_small").count();
+        println!(
+            "windows: {} of up to {} items, {} shifted, {} too small{}",
+            records.len(),
+            args.window.unwrap_or(0),
+            shifted.len(),
+            too_small,
+            shifted.first().map_or(String::new(), |w| format!("; first shifted: {}", w.line()))
+        );
+    }
+    println!(
+        "wrote {}/report.html, items.jsonl, summary.json, skipped.jsonl{}",
+        args.out.display(),
+        if windows.is_some() { ", windows.jsonl" } else { "" }
+    );
     Ok(())
 }
 
@@ -265,7 +407,7 @@ fn audit_files(
     models: &WorkerModels,
     settings: &AuditSettings,
     (specs, pre): (&[String], crate::data::Preprocess),
-    set: &mut SetAudit,
+    (set, mut windows): (&mut SetAudit, Option<&mut OfflineWindows>),
     opts: &EncodeOptions,
     interrupted: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
@@ -304,6 +446,9 @@ fn audit_files(
                 if interrupted.load(Ordering::SeqCst) {
                     return Err(AuditError::Interrupted.into());
                 }
+                if let Some(w) = windows.as_deref_mut() {
+                    w.add(&scored, &[]);
+                }
                 set.add(scored)?;
                 trim.tick();
                 Ok(())
@@ -336,12 +481,31 @@ fn topic_range(args: &AuditArgs) -> anyhow::Result<Option<TopicRange>> {
     }))
 }
 
+/// A decoded message waiting for its batch: id, seed, image, where it came from, and its
+/// grouping field for `--window`.
+type Pending = (String, u64, Tensor, Source, Option<Vec<u8>>);
+
+/// What summary.json says of the windows.
+fn windows_summary(records: &[WindowRecord], args: &AuditArgs) -> serde_json::Value {
+    let count = |v: &str| records.iter().filter(|w| w.verdict == v).count();
+    serde_json::json!({
+        "window_items": args.window,
+        "group_by": args.group_by.clone().unwrap_or_default(),
+        "alpha": args.alpha,
+        "windows": records.len(),
+        "shifted": count("shifted"),
+        "in_distribution": count("in_distribution"),
+        "too_small": count("too_small"),
+        "groups": records.iter().map(|w| w.group.as_str()).collect::<std::collections::BTreeSet<_>>(),
+    })
+}
+
 fn audit_topic(
     range: &TopicRange,
     args: &AuditArgs,
     models: &WorkerModels,
     settings: &AuditSettings,
-    set: &mut SetAudit,
+    (set, mut windows): (&mut SetAudit, Option<&mut OfflineWindows>),
     opts: &EncodeOptions,
     interrupted: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<Vec<audit::topic::PartitionRange>> {
@@ -356,7 +520,7 @@ fn audit_topic(
     let batch_size = opts.batch_size.max(1);
     let mut progress = Progress::new("audit", total, opts.quiet);
     let mut trim = Trim::new();
-    let mut pending: Vec<(String, u64, Tensor, Source)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     let mut taken = 0u64;
     let input = match &args.config {
         Some(path) => crate::config::Config::load(Some(path))?.input,
@@ -368,24 +532,32 @@ fn audit_topic(
     );
     let runtime = crate::data::chain::io_runtime()?;
     let decoder = crate::data::chain::default_decoder();
-    let flush =
-        |pending: &mut Vec<(String, u64, Tensor, Source)>, set: &mut SetAudit| -> anyhow::Result<()> {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let items: Vec<_> = std::mem::take(pending);
-            let tensors: Vec<&Tensor> = items.iter().map(|i| &i.2).collect();
-            let images = Tensor::f_stack(&tensors, 0)?;
-            let raw = RawBatch {
-                ids: items.iter().map(|i| i.0.clone()).collect(),
-                seeds: items.iter().map(|i| i.1).collect(),
-                images: Some(images),
-                errors: Vec::new(),
-            };
-            let sources = items.into_iter().map(|i| Some(i.3)).collect();
-            set.add(score_batch(&state, settings.kind, settings.threshold, raw, sources)?)?;
-            Ok(())
+    let group_by = windows.as_deref().map(|w| w.auditor.group_by().clone()).unwrap_or(GroupBy::None);
+    let flush = |pending: &mut Vec<Pending>,
+                 set: &mut SetAudit,
+                 windows: Option<&mut OfflineWindows>|
+     -> anyhow::Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<_> = std::mem::take(pending);
+        let tensors: Vec<&Tensor> = items.iter().map(|i| &i.2).collect();
+        let images = Tensor::f_stack(&tensors, 0)?;
+        let raw = RawBatch {
+            ids: items.iter().map(|i| i.0.clone()).collect(),
+            seeds: items.iter().map(|i| i.1).collect(),
+            images: Some(images),
+            errors: Vec::new(),
         };
+        let groups: Vec<Option<Vec<u8>>> = items.iter().map(|i| i.4.clone()).collect();
+        let sources = items.into_iter().map(|i| Some(i.3)).collect();
+        let scored = score_batch(&state, settings.kind, settings.threshold, raw, sources)?;
+        if let Some(w) = windows {
+            w.add(&scored, &groups);
+        }
+        set.add(scored)?;
+        Ok(())
+    };
     reader.read(|m: TopicMessage| -> anyhow::Result<bool> {
         if interrupted.load(Ordering::SeqCst) {
             return Err(AuditError::Interrupted.into());
@@ -397,24 +569,29 @@ fn audit_topic(
             runtime.block_on(crate::data::chain::fetch_into(&mut u, &fetcher, &observer))?;
             let image = u.image.as_deref().unwrap_or(&m.value);
             let tensor = crate::data::chain::decode_to_tensor(&decoder, image, &limits, &pre)?;
-            Ok((u.id, tensor))
+            Ok((u.id, u.input, tensor))
         });
         match read {
-            Ok((id, (image, seed))) => pending.push((id.unwrap_or(key_id), seed, image, m.source)),
+            Ok((id, input, (image, seed))) => {
+                // The daemon's grouping of the same message.
+                let group =
+                    crate::stream::window_stage::group_value(&group_by, &m.headers, &m.value, input.as_ref());
+                pending.push((id.unwrap_or(key_id), seed, image, m.source, group))
+            }
             Err(e) => {
                 let (code, reason) = (e.code(), e.to_string());
                 set.skip(Skipped { id: key_id, code: code.into(), reason, source: Some(m.source) })?;
             }
         }
         if pending.len() >= batch_size {
-            flush(&mut pending, set)?;
+            flush(&mut pending, set, windows.as_deref_mut())?;
             trim.tick();
         }
         taken += 1;
         progress.inc(1, None);
         Ok(args.data_opts.limit.is_none_or(|l| taken < l as u64))
     })?;
-    flush(&mut pending, set)?;
+    flush(&mut pending, set, windows.as_deref_mut())?;
     progress.finish();
     Ok(reader.ranges.clone())
 }

@@ -28,10 +28,13 @@ pub struct TailArgs {
     #[arg(long, conflicts_with = "dead_letters")]
     pub verdicts: bool,
     /// Only the dead-letter topic (`kafka.dead_letter_topic`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "audit")]
     pub dead_letters: bool,
+    /// Only the window audit's records (`audit.summary_topic`), one line per window.
+    #[arg(long, conflicts_with = "verdicts")]
+    pub audit: bool,
     /// Read these topics instead (repeatable).
-    #[arg(long = "topic", value_name = "TOPIC", conflicts_with_all = ["verdicts", "dead_letters"])]
+    #[arg(long = "topic", value_name = "TOPIC", conflicts_with_all = ["verdicts", "dead_letters", "audit"])]
     pub topics: Vec<String>,
     /// beginning, end, or a time: RFC 3339, milliseconds since the epoch, or a duration
     /// ago (90s, 30m, 6h, 7d). Default: beginning, or end with --follow.
@@ -81,6 +84,11 @@ pub fn run(args: &TailArgs, quiet: bool) -> anyhow::Result<()> {
         vec![kafka.output_topic.clone()]
     } else if args.dead_letters {
         vec![kafka.dead_letter_topic.clone()]
+    } else if args.audit {
+        if cfg.audit.summary_topic.trim().is_empty() {
+            bail!("audit.summary_topic is \"\" in the configuration: the daemon publishes no window records");
+        }
+        vec![cfg.audit.summary_topic.clone()]
     } else {
         vec![kafka.output_topic.clone(), kafka.dead_letter_topic.clone()]
     };

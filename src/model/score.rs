@@ -183,7 +183,7 @@ pub fn pixel_seed(width: u32, height: u32, rgb: &[u8]) -> u64 {
 }
 
 /// One step of splitmix64: the project's seeded generator (noise, shuffles).
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -8,6 +8,8 @@
 //!   --> producer (producer.rs: verdicts, dead letters, deliveries, retries, blocking)
 //!   --acks--> consumer: a partition's commit point moves only past messages whose
 //!      output the broker acknowledged (or that had nothing to publish)
+//! scorer --judged items (bounded)--> window auditor (window_stage.rs: windows per topic
+//!   and group, their tests, the online detector, records to audit.summary_topic)
 //! ```
 //!
 //! Faults end the run with an error (the process exits non-zero; nothing unacknowledged
@@ -60,6 +62,8 @@ pub enum DaemonError {
     Unreachable { brokers: String, reason: String },
     #[error("metrics listener {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error("window audit ([audit]): {0}")]
+    Audit(String),
     #[error("cannot start a pipeline thread: {0}")]
     Thread(#[source] std::io::Error),
     /// The run ended on a fault; what was acknowledged was committed.
@@ -127,6 +131,9 @@ struct Pipeline {
     work_tx: mpsc::SyncSender<Work>,
     /// Decode workers, scorer, retry scheduler (all supervised).
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The window auditor (supervised); it ends after the scorers, when its feed closes,
+    /// and then reports the open windows as cut short.
+    window: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A running daemon: what the main loop and the shutdown need.
@@ -209,6 +216,7 @@ pub fn run_with_parts(
     .map_err(|e| DaemonError::Kafka(format!("producer: {e}")))?;
     let output = Arc::new(output);
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let window = window_stage(&cfg, &model, &thresholds, &metrics, &tracker)?;
     let ctx = ConsumerCtx::new(tracker.clone(), ack_rx, metrics.clone());
     let commit_every = Duration::from_millis(cfg.kafka.commit_interval_ms);
     let consumer = ConsumerStage::connect(
@@ -245,6 +253,13 @@ pub fn run_with_parts(
         revocations: consumer.ctx().revocations.clone(),
         metrics: metrics.clone(),
     };
+    let (feed, window) = match window {
+        Some((stage, group_by)) => {
+            let (tx, rx) = mpsc::sync_channel(super::window_stage::FEED_CAPACITY);
+            (Some((tx, group_by)), Some((stage, rx)))
+        }
+        None => (None, None),
+    };
     let stages = scorers
         .into_iter()
         .map(|scorer| ScoringStage {
@@ -255,8 +270,11 @@ pub fn run_with_parts(
             counters: counters.clone(),
             pipeline: cfg.pipeline.clone(),
             publish: cfg.kafka.publish,
+            window_feed: feed.clone(),
         })
         .collect();
+    // Only the stages hold the feed now: it closes when the last scorer ends.
+    drop(feed);
     let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
     let fetch_health = Arc::new(FetchHealth::default());
     let resolve = ResolveStage {
@@ -267,9 +285,13 @@ pub fn run_with_parts(
         health: fetch_health.clone(),
         payloads: consumer.payloads.clone(),
     };
-    let pipeline = start_pipeline(
+    let mut pipeline = start_pipeline(
         &cfg, &model, stages, resolve, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
     )?;
+    if let Some((stage, rx)) = window {
+        let spawned = supervise::spawn("dlsr-window", &faults, move || stage.run(rx));
+        pipeline.window = Some(spawned.map_err(DaemonError::Thread)?);
+    }
     tracing::info!(
         topics = ?cfg.kafka.input_topics,
         brokers = %cfg.kafka.brokers,
@@ -446,7 +468,7 @@ impl Daemon {
         health.set(Some("shutting down".into()));
         tracing::info!("shutting down: draining in-flight messages");
         consumer.set_paused(true);
-        let Pipeline { work_tx, threads } = pipeline;
+        let Pipeline { work_tx, threads, window } = pipeline;
         drop(work_tx);
         let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_deadline_ms);
         // After a fault nothing more will be acknowledged: skip the drain.
@@ -476,6 +498,14 @@ impl Daemon {
         summary.paused_times = consumer.paused_times;
         summary.threads_left_running =
             supervise::join_until(threads, Instant::now() + Duration::from_millis(500));
+        // The auditor ends once the scorers have: it reports its open windows as cut short
+        // and flushes their records (up to 1 s).
+        // Not waited for while a scorer is still busy (its feed is still open).
+        if let (Some(window), 0) = (window, summary.threads_left_running) {
+            if supervise::join_until(vec![window], Instant::now() + Duration::from_secs(2)) > 0 {
+                tracing::warn!("the window auditor did not finish in time; its last records may be missing");
+            }
+        }
         if summary.threads_left_running > 0 {
             tracing::warn!(
                 threads = summary.threads_left_running,
@@ -569,7 +599,50 @@ fn start_pipeline(
     threads.push(
         supervise::spawn("dlsr-retry", faults, move || retries.run(retry_rx)).map_err(DaemonError::Thread)?,
     );
-    Ok(Pipeline { work_tx, threads })
+    Ok(Pipeline { work_tx, threads, window: None })
+}
+
+/// The window auditor's stage, when `audit.enabled`: the held-out ID sample of every
+/// score kind the bundle calibrated (a kind the thresholds use must have one), and the
+/// summary topic's producer.
+fn window_stage(
+    cfg: &Config,
+    model: &ModelInfo,
+    thresholds: &Thresholds,
+    metrics: &Arc<Metrics>,
+    tracker: &Arc<Mutex<OffsetTracker>>,
+) -> Result<Option<(super::window_stage::WindowStage, crate::audit::window::GroupBy)>, DaemonError> {
+    use crate::audit::window::{Reference, WindowAuditor};
+    let audit = &cfg.audit;
+    if !audit.enabled {
+        return Ok(None);
+    }
+    let settings = audit.settings()?;
+    let group_by = audit.group_by()?;
+    let in_use: Vec<crate::model::score::ScoreKind> =
+        std::iter::once(thresholds.default.kind).chain(thresholds.topics.values().map(|t| t.kind)).collect();
+    let mut references = Vec::new();
+    for &kind in model.calibration.scores.keys() {
+        match Reference::from_calibration(&model.calibration, kind, audit.allow_quantile_reference) {
+            Ok((reference, warning)) => {
+                if let (Some(w), true) = (warning, in_use.contains(&kind)) {
+                    tracing::warn!("window audit: {w}");
+                }
+                references.push(reference);
+            }
+            Err(e) if in_use.contains(&kind) => return Err(DaemonError::Audit(e.to_string())),
+            Err(_) => {}
+        }
+    }
+    let auditor = WindowAuditor::new(settings, group_by.clone(), references, WindowAuditor::run_now())
+        .map_err(|e| DaemonError::Audit(e.to_string()))?;
+    let summary = match audit.summary_topic.trim() {
+        "" => None,
+        topic => Some((super::kafka::producer_config(&cfg.kafka)?, topic.to_string())),
+    };
+    let stage = super::window_stage::WindowStage::new(auditor, summary, metrics.clone(), tracker.clone())
+        .map_err(|e| DaemonError::Kafka(format!("summary producer: {e}")))?;
+    Ok(Some((stage, group_by)))
 }
 
 /// The HTTP listener for /metrics, /healthz and /readyz, on a one-thread runtime.

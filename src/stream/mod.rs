@@ -3,6 +3,8 @@
 //!   reads, event by event, and the input-side faults ([`input`], [`topic_watch`]);
 //! - [`scorer`]: decode workers, batcher, the [`scorer::ItemScorer`] seam, verdicts;
 //! - [`producer`]: output records, deliveries, retries, dead letters, blocked outputs;
+//! - [`window_stage`]: the window audit of the judged items (windows per topic and
+//!   group, their tests, the online detector, the summary topic);
 //! - [`daemon`]: wires the stages, the main loop, faults and shutdown.
 //!
 //! Around them: offset bookkeeping ([`offsets`]), byte-exact headers ([`headers`]),
@@ -30,3 +32,4 @@ pub mod tail;
 pub mod thresholds;
 pub mod topic_watch;
 pub mod topics;
+pub mod window_stage;

@@ -24,6 +24,8 @@ use super::daemon::{Counters, DaemonError};
 use super::message::{ModelRef, VerdictRecord};
 use super::producer::Output;
 use super::thresholds::Thresholds;
+use super::window_stage::{group_value, WindowFeedItem};
+use crate::audit::window::GroupBy;
 use crate::config::{ModelConfig, PipelineConfig, Publish};
 use crate::data::{decode, Preprocess};
 use crate::eval::calibration::Calibration;
@@ -258,6 +260,8 @@ pub struct ScoringStage {
     pub counters: Arc<Counters>,
     pub pipeline: PipelineConfig,
     pub publish: Publish,
+    /// The window auditor's feed (None: `audit.enabled = false`), and what its groups are.
+    pub window_feed: Option<(SyncSender<WindowFeedItem>, GroupBy)>,
 }
 
 impl ScoringStage {
@@ -402,6 +406,25 @@ impl ScoringStage {
         if let Some(seconds) = end_to_end_seconds(super::message::now_millis(), work.record.source.timestamp)
         {
             m.record_end_to_end(&topic, seconds);
+        }
+        if let Some((feed, group_by)) = &self.window_feed {
+            let record = &work.record;
+            let item = WindowFeedItem {
+                topic: topic.clone(),
+                group: group_value(group_by, &record.headers, &record.value, work.resolved.input.as_ref()),
+                partition: record.source.partition,
+                offset: record.source.offset,
+                timestamp: record.source.timestamp,
+                id: verdict.id.clone(),
+                kind: verdict.score_kind,
+                score: verdict.score,
+                threshold: verdict.threshold,
+                flagged: verdict.is_ood,
+                layer_cos: s.layers.iter().map(|l| l.cos).collect(),
+            };
+            // Bounded: an auditor that falls behind slows the scorer rather than growing
+            // memory. A gone auditor (it panicked) is a fault its supervisor reports.
+            let _ = feed.send(item);
         }
         if !(verdict.is_ood || self.publish == Publish::All) {
             return self.output.done(work.ack());

@@ -86,6 +86,8 @@ pub struct DeadLetterView {
 pub enum Kind {
     Verdict(VerdictView),
     DeadLetter(DeadLetterView),
+    /// A window audit record (`audit.summary_topic`, header `dlsr-record: window`).
+    Window(Box<crate::audit::window::WindowRecord>),
     /// Not written by dlsr (or damaged): why it is not a verdict.
     Other(String),
 }
@@ -112,6 +114,12 @@ pub fn classify(record: &Record) -> Kind {
             source,
             original_length: header_text(&record.headers, "dlsr-original-length"),
         });
+    }
+    if header_text(&record.headers, "dlsr-record").as_deref() == Some("window") {
+        return match serde_json::from_slice::<crate::audit::window::WindowRecord>(&record.value) {
+            Ok(w) => Kind::Window(Box::new(w)),
+            Err(e) => Kind::Other(format!("marked as a window record, but not one: {e}")),
+        };
     }
     match serde_json::from_slice::<VerdictView>(&record.value) {
         Ok(v) => Kind::Verdict(v),
@@ -202,6 +210,10 @@ pub fn human_line(record: &Record, kind: &Kind, colour: bool) -> String {
                 let _ = write!(line, " (value cut to {} of {} bytes)", record.value.len(), printable(n));
             }
         }
+        Kind::Window(w) => {
+            let label = if w.shifted() { paint(RED, "SHIFT") } else { "WIN  ".to_string() };
+            let _ = write!(line, "{label} {}", printable(&w.line()));
+        }
         Kind::Other(why) => {
             let _ = write!(
                 line,
@@ -245,6 +257,7 @@ pub fn json_record(record: &Record, kind: &Kind) -> serde_json::Value {
     let verdict = || serde_json::from_slice::<serde_json::Value>(&record.value).unwrap_or_default();
     let extra = match kind {
         Kind::Verdict(_) => json!({"kind": "verdict", "verdict": verdict()}),
+        Kind::Window(_) => json!({"kind": "window", "window": verdict()}),
         Kind::DeadLetter(d) => json!({
             "kind": "dead_letter",
             "error_code": d.code,
@@ -273,6 +286,8 @@ pub struct Tally {
     pub in_distribution: u64,
     pub dead_letters: BTreeMap<String, u64>,
     pub other: u64,
+    /// Window records by verdict.
+    pub windows: BTreeMap<String, u64>,
 }
 
 impl Tally {
@@ -282,6 +297,7 @@ impl Tally {
             Kind::Verdict(v) if v.is_ood => self.ood += 1,
             Kind::Verdict(_) => self.in_distribution += 1,
             Kind::DeadLetter(d) => *self.dead_letters.entry(printable(&d.code)).or_default() += 1,
+            Kind::Window(w) => *self.windows.entry(printable(&w.verdict)).or_default() += 1,
             Kind::Other(_) => self.other += 1,
         }
     }
@@ -303,6 +319,11 @@ impl std::fmt::Display for Tally {
         if dead > 0 {
             let codes: Vec<String> = self.dead_letters.iter().map(|(c, n)| format!("{c} {n}")).collect();
             write!(f, " ({})", codes.join(", "))?;
+        }
+        let windows: u64 = self.windows.values().sum();
+        if windows > 0 {
+            let verdicts: Vec<String> = self.windows.iter().map(|(v, n)| format!("{v} {n}")).collect();
+            write!(f, ", {} ({})", plural(windows, "window"), verdicts.join(", "))?;
         }
         if self.other > 0 {
             write!(f, ", {} not written by dlsr", self.other)?;

@@ -49,6 +49,12 @@ pub struct Metrics {
     pub fetch_errors: IntCounterVec,
     pub fetches_in_flight: IntGauge,
     pub fetch_stores_unreachable: IntGauge,
+    pub window_p_value: GaugeVec,
+    pub window_median_shift: GaugeVec,
+    pub windows: IntCounterVec,
+    pub drift_detected: IntGaugeVec,
+    pub drift_alarms: IntCounterVec,
+    pub window_records_failed: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -335,7 +341,83 @@ impl Metrics {
                 "dlsr_fetch_stores_unreachable",
                 "Object stores that referenced images are waiting on because they cannot be reached.",
             ),
+            window_p_value: gauge_vec(
+                &r,
+                "dlsr_window_p_value",
+                "The last closed window's p-value per test (binomial: Fisher's exact test of the flagged \
+                 count; ks; cvm) against the bundle's held-out ID scores, after the Bonferroni correction \
+                 over the tests and the topic's groups (a window is shifted when one is under audit.alpha).",
+                &["topic", "group", "test"],
+            ),
+            window_median_shift: gauge_vec(
+                &r,
+                "dlsr_window_median_shift",
+                "The last closed window's median score minus the held-out ID median, in robust ID \
+                 standard deviations (1.4826 x MAD).",
+                &["topic", "group"],
+            ),
+            windows: counter(
+                &r,
+                "dlsr_windows_total",
+                "Closed audit windows by verdict (in_distribution, shifted, too_small).",
+                &["topic", "verdict"],
+            ),
+            drift_detected: int_gauge_vec(
+                &r,
+                "dlsr_drift_detected",
+                "1 while the group's online detector (a CUSUM on the items' ID percentiles) is in \
+                 alarm: from an alarm until audit.window_items further items pass without one.",
+                &["topic", "group"],
+            ),
+            drift_alarms: counter(
+                &r,
+                "dlsr_drift_alarms_total",
+                "Alarms of the online detector (each restarts it).",
+                &["topic", "group"],
+            ),
+            window_records_failed: int_counter(
+                &r,
+                "dlsr_window_records_failed_total",
+                "Window records that could not be handed to the summary topic's producer.",
+            ),
             registry: r,
+        }
+    }
+
+    /// A closed window: its verdict, corrected p-values, median shift and alarms.
+    pub fn record_window(&self, w: &crate::audit::window::WindowRecord) {
+        self.windows.with_label_values(&[w.topic.as_str(), w.verdict.as_str()]).inc();
+        if w.verdict == "too_small" {
+            return;
+        }
+        for (test, p) in &w.p_adjusted {
+            self.window_p_value
+                .with_label_values(&[w.topic.as_str(), w.group.as_str(), test.as_str()])
+                .set(*p);
+        }
+        if w.median_shift.is_finite() {
+            self.window_median_shift
+                .with_label_values(&[w.topic.as_str(), w.group.as_str()])
+                .set(w.median_shift);
+        }
+        if w.tests.cusum.alarms > 0 {
+            self.drift_alarms
+                .with_label_values(&[w.topic.as_str(), w.group.as_str()])
+                .inc_by(w.tests.cusum.alarms);
+        }
+    }
+
+    pub fn set_drift_detected(&self, topic: &str, group: &str, alarm: bool) {
+        self.drift_detected.with_label_values(&[topic, group]).set(i64::from(alarm));
+    }
+
+    /// A group dropped by the auditor (idle): its series go, so labels stay bounded.
+    pub fn remove_window_group(&self, topic: &str, group: &str) {
+        let _ = self.drift_detected.remove_label_values(&[topic, group]);
+        let _ = self.window_median_shift.remove_label_values(&[topic, group]);
+        let _ = self.drift_alarms.remove_label_values(&[topic, group]);
+        for test in crate::audit::window::TESTS {
+            let _ = self.window_p_value.remove_label_values(&[topic, group, test]);
         }
     }
 

@@ -16,3 +16,4 @@ mod references;
 mod secured;
 mod stream;
 mod topics;
+mod windows;

@@ -312,7 +312,11 @@ fn alert_states(port: u16, name: &str) -> Vec<String> {
 fn live_prometheus_scrapes_the_daemon_raises_the_drift_alert_and_evaluates_every_dashboard_query() {
     let (_cluster, brokers) = cluster();
     let control = Control::default();
-    let (handle, _metrics) = start(config(&brokers, "g-ops"), control.clone(), None);
+    // Windows of 100 items, so that the window audit's panels have data from this stream.
+    let mut cfg = config(&brokers, "g-ops");
+    cfg.audit.window_items = 100;
+    cfg.audit.min_items = 50;
+    let (handle, _metrics) = start(cfg, control.clone(), None);
     wait_until("the metrics listener", Duration::from_secs(60), || {
         control.http_addr.lock().map(|a| a.is_some()).unwrap_or(false)
     });

@@ -1,0 +1,277 @@
+//! The window auditor's stage in the daemon: the scorers hand it every judged item
+//! ([`WindowFeedItem`], over a bounded channel), and this thread feeds them to the
+//! [`WindowAuditor`] (the same code `dlsr audit --window` runs offline), closes windows
+//! by time and on rebalances, sets the window metrics and publishes one JSON record per
+//! closed window and group to `audit.summary_topic`.
+//!
+//! Window records are a report, not part of the at-least-once chain: the input offsets do
+//! not wait for them (a slow summary topic must not stall the verdicts). A record the
+//! broker refuses is counted (`dlsr_window_records_failed_total`) and logged.
+//!
+//! Restarts and rebalances: windows live in memory. A partition taken away by a rebalance
+//! cuts short every open window holding its items (`closed_by: "revoked"`), a shutdown
+//! cuts short all of them (`"shutdown"`): such windows are judged on what they hold and
+//! say so (`cut_short`), and the new owner of the items after the last commit starts
+//! fresh windows, so no full window is reported twice.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
+
+use super::headers::Header;
+use super::offsets::OffsetTracker;
+use crate::audit::window::{GroupBy, Item, WindowAuditor, WindowRecord};
+use crate::model::score::ScoreKind;
+use crate::telemetry::metrics::Metrics;
+
+/// Items buffered between the scorers and the auditor (it takes microseconds an item).
+pub const FEED_CAPACITY: usize = 4096;
+/// How often windows are closed by time and the detector gauges refreshed.
+const TICK: Duration = Duration::from_millis(500);
+
+/// One judged item, owned, as the scorer hands it over.
+#[derive(Debug, Clone)]
+pub struct WindowFeedItem {
+    pub topic: String,
+    /// The grouping field's raw value ([`group_value`]).
+    pub group: Option<Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub id: String,
+    pub kind: ScoreKind,
+    pub score: f64,
+    pub threshold: f64,
+    pub flagged: bool,
+    /// Per-layer cosine between the features and their reconstruction.
+    pub layer_cos: Vec<f64>,
+}
+
+impl WindowFeedItem {
+    pub fn as_item(&self) -> Item<'_> {
+        Item {
+            topic: &self.topic,
+            group: self.group.as_deref(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            id: &self.id,
+            kind: self.kind,
+            score: self.score,
+            threshold: self.threshold,
+            flagged: self.flagged,
+            layer_cos: &self.layer_cos,
+        }
+    }
+}
+
+/// The grouping field of a message: a header's value, or a JSON event's field (from the
+/// passthrough fields when the pointer is one of them, else read from the value). A
+/// string is taken as is, any other JSON value as its JSON text.
+pub fn group_value(
+    group_by: &GroupBy,
+    headers: &[Header],
+    value: &[u8],
+    input: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Option<Vec<u8>> {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone().into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    match group_by {
+        GroupBy::None | GroupBy::Folder => None,
+        GroupBy::Header(name) => super::headers::find(headers, name).map(<[u8]>::to_vec),
+        GroupBy::Json(pointer) => {
+            let key = pointer.trim_start_matches('/');
+            if let Some(v) = input.and_then(|m| m.get(key)) {
+                return Some(text(v));
+            }
+            if value.first() != Some(&b'{') {
+                return None;
+            }
+            let event: serde_json::Value = serde_json::from_slice(value).ok()?;
+            event.pointer(pointer).filter(|v| !v.is_null()).map(text)
+        }
+    }
+}
+
+/// The summary producer's callbacks: librdkafka's logs through the daemon's gate, and
+/// a record the broker did not take (a summary topic that does not exist, no
+/// authorisation) counted and logged, never dropped silently.
+pub struct SummaryCtx {
+    metrics: Arc<Metrics>,
+    logged: Mutex<Option<Instant>>,
+}
+
+impl ClientContext for SummaryCtx {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::client_log::error("window records", &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::client_log::log("window records", level, facility, message);
+    }
+}
+
+impl ProducerContext for SummaryCtx {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let Err((e, m)) = result else { return };
+        self.metrics.window_records_failed.inc();
+        let Ok(mut logged) = self.logged.lock() else { return };
+        if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *logged = Some(Instant::now());
+            use rdkafka::Message;
+            tracing::warn!(
+                "a window record was not delivered to {}: {e} (does the topic exist? \
+                 dlsr_window_records_failed_total counts them)",
+                m.topic()
+            );
+        }
+    }
+}
+
+/// The auditor thread's state.
+pub struct WindowStage {
+    pub auditor: WindowAuditor,
+    /// The summary topic's producer and name (None: `audit.summary_topic = ""`).
+    pub summary: Option<(BaseProducer<SummaryCtx>, String)>,
+    pub metrics: Arc<Metrics>,
+    /// The consumer's assignment: windows holding a partition no longer in it are cut.
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// (topic, group) pairs whose detector gauge is exported.
+    exported: BTreeSet<(String, String)>,
+    failed_logged: Option<Instant>,
+}
+
+impl WindowStage {
+    pub fn new(
+        auditor: WindowAuditor,
+        summary: Option<(ClientConfig, String)>,
+        metrics: Arc<Metrics>,
+        tracker: Arc<Mutex<OffsetTracker>>,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let summary = match summary {
+            Some((config, topic)) => {
+                let ctx = SummaryCtx { metrics: metrics.clone(), logged: Mutex::new(None) };
+                Some((config.create_with_context::<_, BaseProducer<SummaryCtx>>(ctx)?, topic))
+            }
+            None => None,
+        };
+        Ok(Self { auditor, summary, metrics, tracker, exported: BTreeSet::new(), failed_logged: None })
+    }
+
+    /// Audits until the feed closes (the scorers are done), then cuts the open windows
+    /// short and flushes their records.
+    pub fn run(mut self, feed: Receiver<WindowFeedItem>) {
+        let mut last_tick = Instant::now();
+        loop {
+            match feed.recv_timeout(TICK) {
+                Ok(item) => {
+                    let closed = self.auditor.observe(&item.as_item());
+                    self.emit(closed);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.tick();
+            }
+        }
+        let closed = self.auditor.close_all("shutdown");
+        self.emit(closed);
+        if let Some((producer, _)) = &self.summary {
+            if let Err(e) = producer.flush(Duration::from_secs(1)) {
+                tracing::warn!("window records not all delivered at shutdown: {e}");
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let closed = self.auditor.close_due(Instant::now());
+        self.emit(closed);
+        let assigned: BTreeSet<(String, i32)> =
+            self.tracker.lock().map(|t| t.assigned().into_iter().collect()).unwrap_or_default();
+        let closed = self.auditor.cut_partitions(|topic, p| assigned.contains(&(topic.to_string(), p)));
+        self.emit(closed);
+        // The detector's alarm state per group; groups dropped as idle leave the metrics.
+        let tracked: BTreeSet<(String, String)> = self.auditor.tracked().into_iter().collect();
+        for (topic, group) in &tracked {
+            self.metrics.set_drift_detected(topic, group, self.auditor.in_alarm(topic, group));
+        }
+        for (topic, group) in self.exported.difference(&tracked) {
+            self.metrics.remove_window_group(topic, group);
+        }
+        self.exported = tracked;
+        if let Some((producer, _)) = &self.summary {
+            producer.poll(Duration::ZERO);
+        }
+    }
+
+    fn emit(&mut self, closed: Vec<WindowRecord>) {
+        for record in closed {
+            self.metrics.record_window(&record);
+            if record.tests.cusum.alarms > 0 {
+                self.metrics.set_drift_detected(&record.topic, &record.group, true);
+            }
+            if record.shifted() {
+                tracing::warn!(window = %record.line(), "window shifted");
+            } else {
+                tracing::debug!(window = %record.line(), "window closed");
+            }
+            self.publish(&record);
+        }
+    }
+
+    fn publish(&mut self, record: &WindowRecord) {
+        let Some((producer, topic)) = &self.summary else { return };
+        let value = match serde_json::to_vec(record) {
+            Ok(v) => v,
+            Err(e) => return self.failed(&format!("encoding a window record: {e}")),
+        };
+        let key = format!("{}/{}", record.topic, record.group);
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "dlsr-record", value: Some("window") });
+        let sent = producer.send(BaseRecord::to(topic).key(&key).payload(&value).headers(headers));
+        if let Err((e, _)) = sent {
+            let why = format!("publishing a window record to {topic}: {e}");
+            self.failed(&why);
+        }
+    }
+
+    fn failed(&mut self, why: &str) {
+        self.metrics.window_records_failed.inc();
+        if self.failed_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            self.failed_logged = Some(Instant::now());
+            tracing::warn!("{why} (dlsr_window_records_failed_total counts them)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_group_comes_from_a_header_or_a_json_field() {
+        let headers: Vec<Header> = vec![(b"camera_id".to_vec(), Some(b"cam-7".to_vec()))];
+        let by_header = GroupBy::parse("header:camera_id").unwrap();
+        assert_eq!(group_value(&by_header, &headers, b"", None), Some(b"cam-7".to_vec()));
+        assert_eq!(group_value(&GroupBy::parse("header:site").unwrap(), &headers, b"", None), None);
+        let by_field = GroupBy::parse("json:/meta/camera").unwrap();
+        let event = br#"{"uri": "s3://b/k", "meta": {"camera": 12}}"#;
+        assert_eq!(group_value(&by_field, &[], event, None), Some(b"12".to_vec()));
+        assert_eq!(group_value(&by_field, &[], b"\x89PNG", None), None);
+        let mut input = serde_json::Map::new();
+        input.insert("site".into(), serde_json::json!("north"));
+        let by_site = GroupBy::parse("json:/site").unwrap();
+        assert_eq!(group_value(&by_site, &[], b"{}", Some(&input)), Some(b"north".to_vec()));
+        assert_eq!(group_value(&GroupBy::None, &headers, event, None), None);
+    }
+}
