@@ -3,7 +3,8 @@
 Fashion-MNIST images published, `dlsr serve` started; measures messages/s until every
 message is scored (from /metrics), offline `dlsr score` on the same images, end-to-end
 latency p50/p99 at about half the measured rate, and resident memory after N and
-10N messages (MEM_CHUNKS+1 batches of N), sampled after each batch. Prints a Markdown table. Usage: bench_daemon.py BIN BUNDLE IDX N"""
+10N messages (MEM_CHUNKS+1 batches of N), sampled after each batch. Prints a Markdown table. AUDIT=off
+turns the window audit off. Usage: bench_daemon.py BIN BUNDLE IDX N"""
 import os, re, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,10 @@ mport = free_port()
 tansu, brokers = start_tansu()
 tmp = tempfile.mkdtemp()
 cfg = os.path.join(tmp, "dlsr.toml")
+# AUDIT=off runs the daemon without the window audit (for the side-by-side in the README).
+audit = "false" if os.environ.get("AUDIT", "on") == "off" else "true"
 open(cfg, "w").write(f"""[kafka]\nbrokers = "{brokers}"\ngroup_id = "bench"\npublish = "all"\n[model]\nbundle = "{BUNDLE}"\n
-[metrics]\nlisten = "127.0.0.1:{mport}"\n[log]\nlevel = "warn"\n""")
+[metrics]\nlisten = "127.0.0.1:{mport}"\n[log]\nlevel = "warn"\n[audit]\nenabled = {audit}\n""")
 try:
     for topic in ("dlsr-verdicts", "dlsr-dead-letters"):
         subprocess.run([BIN, "publish", "--brokers", brokers, "--topic", topic, "--partitions", "1", DATA, "--limit", "0"],

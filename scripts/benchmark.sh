@@ -22,6 +22,8 @@
 #                                env: SIZE (input px, 64), N (messages per batch, 10000),
 #                                MEM_CHUNKS (more batches for the memory curve, 9),
 #                                FIT_LIMIT (training images, 5000)
+#   scripts/benchmark.sh windows the window auditor's cost with 100 groups and the online
+#                                detector's delay per shift size (benches/window_audit.rs)
 #   scripts/benchmark.sh memory  peak resident memory with large images (6000x6000 PNGs,
 #                                12 MP JPEGs) through the daemon and `dlsr score`
 #                                (scripts/memory_check.py; needs scripts/setup-peer.sh)
@@ -133,6 +135,8 @@ PY
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-3000}" --input-size "${SIZE:-64}" --epochs 5 --out "$OUT/m.safetensors" >/dev/null
     { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
     "$DEPS_DIR/moto-venv/bin/python" scripts/bench_references.py "$BIN" "$OUT/m.safetensors" "$OUT/png" "$N" | tee -a "$OUT/summary.md" ;;
+  windows)
+    cargo bench --locked -q --bench window_audit | tee "$OUT/summary.md" ;;
   memory)
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-2000}" --epochs 2 --out "$OUT/m.safetensors" "$@" >/dev/null
     "$DEPS_DIR/peer-venv/bin/python" scripts/memory_check.py "$BIN" "$PWD/$OUT/m.safetensors" "$OUT/sets" | tee "$OUT/summary.md" ;;

@@ -591,7 +591,7 @@ fn audit_topic(
         progress.inc(1, None);
         Ok(args.data_opts.limit.is_none_or(|l| taken < l as u64))
     })?;
-    flush(&mut pending, set, windows.as_deref_mut())?;
+    flush(&mut pending, set, windows)?;
     progress.finish();
     Ok(reader.ranges.clone())
 }

@@ -40,6 +40,9 @@ pub struct DemoReport {
     /// Flagged counts by source set (fmnist, mnist, corrupt).
     pub flagged: BTreeMap<String, usize>,
     pub complete: bool,
+    /// Window records the window audit published, and how many of them are shifted.
+    pub windows: usize,
+    pub shifted_windows: usize,
 }
 
 /// A valid PNG whose header claims `width` x `height` RGB pixels, with one tiny IDAT:
@@ -137,6 +140,34 @@ fn scrape(addr: &str) -> Option<String> {
     Some(body)
 }
 
+/// The window records on the in-process broker: its one partition read by assignment
+/// from the beginning to its end.
+fn read_windows(brokers: &str) -> anyhow::Result<Vec<crate::audit::window::WindowRecord>> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dlsr-demo-windows")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("dlsr-windows", 0, rdkafka::Offset::Beginning)?;
+    reader.assign(&tpl)?;
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        match reader.poll(Duration::from_millis(100)) {
+            Some(Ok(msg)) => {
+                if let Ok(w) = serde_json::from_slice(msg.payload().unwrap_or_default()) {
+                    out.push(w);
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     ensure_bundle(opts)?;
     let cluster = MockCluster::new(1)?;
@@ -144,6 +175,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     cluster.create_topic("images", 3, 1)?;
     cluster.create_topic("dlsr-verdicts", 1, 1)?;
     cluster.create_topic("dlsr-dead-letters", 1, 1)?;
+    cluster.create_topic("dlsr-windows", 1, 1)?;
 
     let mut cfg = Config::default();
     cfg.kafka.brokers = brokers.clone();
@@ -154,6 +186,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     cfg.model.device = opts.device.parse()?;
     cfg.metrics.listen = opts.metrics_listen.clone();
     cfg.log.level = "warn".into();
+    // Windows of 100 items, so that the demo's 400 images make four of them.
+    cfg.audit.window_items = 100;
+    cfg.audit.min_items = 50;
     cfg.validate()?;
     let meta = crate::model::bundle::read_meta(&opts.bundle)?;
     let metrics = Arc::new(Metrics::new(score_buckets(&meta.calibration, &[])));
@@ -313,6 +348,13 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         })
         .collect();
     println!("metrics excerpt:\n  {}", excerpt.join("\n  "));
+    let windows = read_windows(&brokers)?;
+    println!("\nwindow audit (windows of 100 items; `dlsr tail --audit` prints them from a broker):");
+    for w in &windows {
+        println!("  {}", w.line());
+    }
+    report.windows = windows.len();
+    report.shifted_windows = windows.iter().filter(|w| w.shifted()).count();
     drop(cluster);
     Ok(report)
 }

@@ -211,8 +211,8 @@ pub fn human_line(record: &Record, kind: &Kind, colour: bool) -> String {
             }
         }
         Kind::Window(w) => {
-            let label = if w.shifted() { paint(RED, "SHIFT") } else { "WIN  ".to_string() };
-            let _ = write!(line, "{label} {}", printable(&w.line()));
+            let text = printable(&w.line());
+            let _ = write!(line, "WIN  {}", if w.shifted() { paint(RED, &text) } else { text });
         }
         Kind::Other(why) => {
             let _ = write!(
@@ -306,24 +306,29 @@ impl Tally {
 impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dead: u64 = self.dead_letters.values().sum();
+        let windows: u64 = self.windows.values().sum();
         let plural = |n: u64, one: &str| if n == 1 { format!("1 {one}") } else { format!("{n} {one}s") };
-        write!(
-            f,
-            "{}: {} ({} OOD, {} ID), {}",
-            plural(self.records, "record"),
-            plural(self.ood + self.in_distribution, "verdict"),
-            self.ood,
-            self.in_distribution,
-            plural(dead, "dead letter")
-        )?;
+        write!(f, "{}", plural(self.records, "record"))?;
+        let mut sep = ":";
+        // Window records alone (`tail --audit`) are not followed by "0 verdicts, 0 dead letters".
+        if windows == 0 || self.ood + self.in_distribution + dead > 0 {
+            write!(
+                f,
+                ": {} ({} OOD, {} ID), {}",
+                plural(self.ood + self.in_distribution, "verdict"),
+                self.ood,
+                self.in_distribution,
+                plural(dead, "dead letter")
+            )?;
+            sep = ",";
+        }
         if dead > 0 {
             let codes: Vec<String> = self.dead_letters.iter().map(|(c, n)| format!("{c} {n}")).collect();
             write!(f, " ({})", codes.join(", "))?;
         }
-        let windows: u64 = self.windows.values().sum();
         if windows > 0 {
             let verdicts: Vec<String> = self.windows.iter().map(|(v, n)| format!("{v} {n}")).collect();
-            write!(f, ", {} ({})", plural(windows, "window"), verdicts.join(", "))?;
+            write!(f, "{sep} {} ({})", plural(windows, "window"), verdicts.join(", "))?;
         }
         if self.other > 0 {
             write!(f, ", {} not written by dlsr", self.other)?;

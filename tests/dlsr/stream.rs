@@ -721,6 +721,9 @@ fn demo_runs_the_whole_stream_and_stops_by_itself() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("published 64 messages (40 Fashion-MNIST, 20 MNIST, 4 corrupt)"), "{stdout}");
     assert!(stdout.contains("every message accounted for"), "{stdout}");
+    // 60 images: no window of 100 fills; the open one is reported cut short at the stop.
+    assert!(stdout.contains("window audit"), "{stdout}");
+    assert!(stdout.contains("images/all #0 n=60") && stdout.contains("cut short (shutdown)"), "{stdout}");
     for code in ["empty", "too_large", "unsupported_format", "undecodable"] {
         assert!(
             stdout.contains(&format!("dlsr_dead_letters_total{{code=\"{code}\"")),

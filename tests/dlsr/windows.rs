@@ -141,16 +141,12 @@ fn window_records_per_camera_reach_the_summary_topic_and_a_restart_cuts_the_open
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 5, "{stdout}");
-    assert_eq!(
-        lines.iter().filter(|l| l.contains("SHIFT") && l.contains("images/cam-b")).count(),
-        2,
-        "{stdout}"
-    );
+    assert_eq!(lines.iter().filter(|l| l.contains("WIN  SHIFTED images/cam-b")).count(), 2, "{stdout}");
     assert!(
         lines.iter().any(|l| l.contains("images/cam-a #2 n=30") && l.contains("cut short (shutdown)")),
         "{stdout}"
     );
-    assert!(stderr.contains("5 windows (in_distribution 3, shifted 2)"), "{stderr}");
+    assert!(stderr.contains("tail: 5 records: 5 windows (in_distribution 3, shifted 2)"), "{stderr}");
 }
 
 /// The same messages through the daemon and through `dlsr audit --from-topic --window`:
