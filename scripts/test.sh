@@ -13,6 +13,7 @@ bash scripts/fetch-assets.sh
 bash scripts/setup-ops-tools.sh
 bash scripts/setup-peer.sh
 bash scripts/setup-moto.sh
+bash scripts/setup-k8s-tools.sh
 
 # Tests take 2 threads each for libtorch; two test threads keep the 2 cores busy without
 # oversubscribing them.

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod encoders;
 mod inputs;
+mod kubernetes;
 mod model;
 mod ops;
 mod peer;
