@@ -3,20 +3,32 @@
 //!
 //! The library follows the data:
 //! - [`device`] loads the CUDA backend when a CUDA libtorch is present and turns
-//!   `--device auto|cpu|cuda|cuda:N` into a `tch::Device` (or a clear error).
+//!   `--device auto|cpu|cuda|cuda:N` into a `tch::Device` (or a clear error); [`memory`]
+//!   keeps the allocator's footprint flat.
 //! - [`assets`] finds the files the project's scripts install (weights, data sets).
-//! - [`data`] decodes images under size limits, reads data sets (image files and folders,
-//!   IDX, the MNIST CSV) and preprocesses them for an encoder.
-//! - [`model`] holds the frozen encoders (native EfficientNet-Lite, any TorchScript module
-//!   returning feature maps) and turns their maps into DLSR's multi-layer feature vector.
+//! - [`data`] is the one input chain: data sets (files, folders, IDX, MNIST CSV, object
+//!   store prefixes), message envelopes (raw or JSON), references fetched through
+//!   `object_store`, decoding under limits, preprocessing, one typed error per item.
+//! - [`model`]: the frozen encoders, the multi-layer feature vector, the LFDN, its
+//!   training and scoring, and the model bundle; [`encode`] batches images through an
+//!   encoder; [`fit`] trains and calibrates a bundle.
+//! - [`stats`] (binomial tail, Clopper-Pearson) and [`calibration`] (thresholds and ID
+//!   quantiles from held-out scores) sit below both [`model`] and the judging modules.
+//! - [`verdict`] turns an item's scores into a verdict; [`eval`] and [`evaluate`] measure
+//!   detection (AUROC, FPR95, AUPR, plots); [`audit`] judges whole sets and windows of a
+//!   stream (reports, two-sample tests, the online detector).
+//! - [`stream`] is the daemon (consumer, resolve, decode, score, produce, offsets, the
+//!   window auditor) and the Kafka tools that share its clients (`publish`, `tail`);
+//!   [`config`] its configuration; [`telemetry`] its metrics, HTTP probes and logs;
+//!   [`shutdown`] the interruption of long batch work.
 //! - [`cli`] implements the subcommands; `main.rs` only parses arguments and maps errors
-//!   to exit codes.
+//!   to exit codes. [`progress`] and [`tensor_file`] are small helpers.
 //!
-//! The diffusion model, calibration, evaluation and the Kafka daemon arrive with later
-//! issues (see `docs/ARCHITECTURE.md`).
+//! `docs/ARCHITECTURE.md` has the module table with what each module must never do.
 
 pub mod assets;
 pub mod audit;
+pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -29,6 +41,7 @@ pub mod memory;
 pub mod model;
 pub mod progress;
 pub mod shutdown;
+pub mod stats;
 pub mod stream;
 pub mod telemetry;
 pub mod tensor_file;

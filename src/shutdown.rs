@@ -1,6 +1,8 @@
 //! Interruption of long batch work (Ctrl-C during `fit`): a flag set from the SIGINT /
 //! SIGTERM handler and polled by loops, so they stop between steps and nothing is left
-//! half-written. The daemon's graceful shutdown is separate (issue #4).
+//! half-written. The daemon's graceful shutdown (drain, deliver, commit) is in
+//! `crate::stream::daemon`, steered by its own `Control` flags that
+//! [`forward_signals`] sets.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -16,8 +16,8 @@ use super::lfdn::{Lfdn, LfdnConfig};
 use super::schedule::Schedule;
 use super::score::{ScoreKind, ScoreSettings, Scorer};
 use super::train::{new_lfdn, TrainConfig, TrainSummary};
+use crate::calibration::Calibration;
 use crate::data::Preprocess;
-use crate::eval::calibration::Calibration;
 use crate::tensor_file::{self, TensorFileError};
 
 pub const BUNDLE_FORMAT: &str = "dlsr-bundle";

@@ -1,4 +1,5 @@
-//! The frozen encoders and DLSR's multi-layer feature vector.
+//! The model: the frozen encoders, DLSR's multi-layer feature vector, the diffusion
+//! model over it, its training and scoring, and the bundle that holds it all.
 //!
 //! - [`encoder`]: the [`encoder::Encoder`] contract (images in, a list of feature maps
 //!   out), its identity (name, weights checksum, preprocessing) and loading by name.
@@ -6,8 +7,14 @@
 //!   checkpoints converted by `scripts/fetch-assets.sh`.
 //! - [`torchscript`]: any TorchScript module that returns a list/tuple of feature maps.
 //! - [`features`]: pooling, per-layer z-scoring, concatenation, batched extraction.
-//!
-//! The diffusion model (LFDN), training and scoring arrive with issue #3.
+//! - [`schedule`]: the latent diffusion noise schedule (METHOD.md section 4).
+//! - [`lfdn`]: the latent feature diffusion network, an MLP denoiser predicting the clean
+//!   vector; [`train`]: its training with the EMA of the weights.
+//! - [`score`]: distortion at t0 with noise seeded from the item, DDIM reconstruction, and
+//!   the MSE, MFsim and LR scores with their per-layer parts.
+//! - [`bundle`]: the self-describing model file (safetensors weights and JSON metadata:
+//!   encoder identity, preprocessing, layer offsets, LFDN, scoring settings,
+//!   calibration), checked when loaded.
 
 pub mod bundle;
 pub mod efficientnet;

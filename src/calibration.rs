@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::stats::clopper_pearson;
 use crate::model::encoder::Precision;
 use crate::model::score::ScoreKind;
+use crate::stats::clopper_pearson;
 
 /// Quantiles kept per score (0, 0.1%, ..., 100%).
 const QUANTILES: usize = 1001;
