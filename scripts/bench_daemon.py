@@ -98,6 +98,14 @@ try:
         rss_series.append(rss_mb(daemon.pid))
     rss_5n = rss_series[-1]
     daemon.terminate(); daemon.wait(timeout=60)
+    # JSON_OUT=FILE also writes the figures as JSON (scripts/capacity_plan.py reads it).
+    if os.environ.get("JSON_OUT"):
+        import json
+        with open(os.environ["JSON_OUT"], "w") as f:
+            json.dump({"daemon_msgs_per_s": rate, "offline_images_per_s": offline, "messages": N,
+                       "input_px": int(os.environ.get("SIZE", "64")), "audit": audit == "true",
+                       "latency_p50_s": p50, "latency_p99_s": p99, "rss_mb": rss_5n,
+                       "cores": os.cpu_count(), "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" \t:")}, f, indent=1)
     print(f"| daemon through tansu | {rate:.0f} msg/s |")
     print(f"| offline `dlsr score`, same images | {offline:.0f} images/s |")
     print(f"| daemon / offline | {rate / offline:.2f} |")

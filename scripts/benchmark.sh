@@ -126,7 +126,8 @@ PY
     N="${N:-10000}"
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-5000}" --input-size "${SIZE:-64}" --epochs 10 --out "$OUT/m.safetensors" >/dev/null
     { echo "| measure | value |"; echo "|---|---|"; } > "$OUT/summary.md"
-    python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md" ;;
+    SIZE="${SIZE:-64}" JSON_OUT="$OUT/daemon.json" python3 scripts/bench_daemon.py "$BIN" "$OUT/m.safetensors" "$TEST" "$N" | tee -a "$OUT/summary.md"
+    echo "figures for scripts/capacity_plan.py: $OUT/daemon.json" ;;
   references)
     N="${N:-4000}"
     bash scripts/setup-moto.sh >/dev/null

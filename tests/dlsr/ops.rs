@@ -541,3 +541,33 @@ fn compose_file_wires_kafka_dlsr_prometheus_and_grafana_together() {
     assert_eq!(rule["data"][0]["datasourceUid"].as_str().unwrap(), uid);
     assert_eq!(alerting["policies"][0]["receiver"], alerting["contactPoints"][0]["name"]);
 }
+
+/// The capacity plan in docs/operations.md is computed from the benchmark's JSON: the
+/// script's arithmetic (instances at the headroom, partitions, catch-up time) on the
+/// committed figures.
+#[test]
+fn the_capacity_plan_follows_from_the_measured_rates() {
+    let figures = root().join("docs/capacity/cpu-64.json");
+    let rate = serde_json::from_str::<Value>(&std::fs::read_to_string(&figures).unwrap()).unwrap()
+        ["daemon_msgs_per_s"]
+        .as_f64()
+        .unwrap();
+    let out = Command::new("python3")
+        .arg(root().join("scripts/capacity_plan.py"))
+        .args(["--stream", "10000", "--headroom", "1.5", "--gpu", ""])
+        .arg(format!("cpu-64={}", figures.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text.lines().find(|l| l.starts_with("| cpu-64 |")).unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let instances = (15_000.0 / rate).ceil();
+    assert_eq!(cells[4].replace(',', "").parse::<f64>().unwrap(), instances, "{row}");
+    assert_eq!(cells[5].replace(',', "").parse::<f64>().unwrap(), 2.0 * instances, "{row}");
+    // An hour's backlog over the spare capacity.
+    let catch_up = 10_000.0 / (instances * rate - 10_000.0);
+    let shown: f64 = cells[9].trim_end_matches(" h").parse().unwrap();
+    assert!((shown - catch_up).abs() < 0.006, "{row}: {catch_up}");
+    assert!(!text.contains("gpu-"), "{text}");
+}
