@@ -35,6 +35,29 @@ fn settings(window: usize, run_time: u64) -> WindowSettings {
     }
 }
 
+/// One ungrouped item of `topic` at position `k` into the auditor.
+fn observe(
+    a: &mut WindowAuditor,
+    topic: &str,
+    k: u64,
+    score: f64,
+    threshold: f64,
+) -> Vec<dlsr::audit::window::WindowRecord> {
+    a.observe(&Item {
+        topic,
+        group: None,
+        partition: 0,
+        offset: k as i64,
+        timestamp: None,
+        id: "x",
+        kind: ScoreKind::Mfsim,
+        score,
+        threshold,
+        flagged: score > threshold,
+        layer_cos: &[],
+    })
+}
+
 fn main() {
     let mut state = 7u64;
     // Held-out scores shaped like real ones (log-normal), 2000 items as a default fit keeps.
@@ -129,19 +152,7 @@ fn main() {
             let topic = format!("fresh-{draw}");
             for k in 0..steps / 10 {
                 let score = (0.4 * normal(&mut state)).exp();
-                let closed = fresh.observe(&Item {
-                    topic: &topic,
-                    group: None,
-                    partition: 0,
-                    offset: k as i64,
-                    timestamp: None,
-                    id: "x",
-                    kind: ScoreKind::Mfsim,
-                    score,
-                    threshold,
-                    flagged: score > threshold,
-                    layer_cos: &[],
-                });
+                let closed = observe(&mut fresh, &topic, k, score, threshold);
                 alarms += closed.iter().map(|w| w.tests.cusum.alarms).sum::<u64>();
             }
             alarms += fresh.close_all("end").iter().map(|w| w.tests.cusum.alarms).sum::<u64>();
@@ -156,19 +167,7 @@ fn main() {
                 loop {
                     k += 1;
                     let score = heldout[(splitmix64(&mut s) % heldout.len() as u64) as usize] + shift * sd;
-                    a.observe(&Item {
-                        topic: &topic,
-                        group: None,
-                        partition: 0,
-                        offset: k as i64,
-                        timestamp: None,
-                        id: "x",
-                        kind: ScoreKind::Mfsim,
-                        score,
-                        threshold,
-                        flagged: score > threshold,
-                        layer_cos: &[],
-                    });
+                    observe(&mut a, &topic, k, score, threshold);
                     if a.in_alarm(&topic, "all") || k > 20 * run_time {
                         break;
                     }
