@@ -258,11 +258,17 @@ impl OutputBlocks {
 /// librdkafka's producer callbacks: acknowledgements on success, the failure policy
 /// otherwise.
 pub struct ProducerCtx {
+    /// To the consumer: a delivered record's input may be committed past.
     acks: Sender<Ack>,
+    /// To the retry scheduler: a record whose delivery failed transiently.
     retries: Sender<OutputRecord>,
+    /// Delivery errors by code, dead letters by code.
     metrics: Arc<Metrics>,
+    /// The run's counts (records the broker acknowledged).
     counters: Arc<Counters>,
+    /// Output topics refusing records for good, and since when (not ready, exit later).
     blocks: Arc<OutputBlocks>,
+    /// Where a fatal producer error is recorded, ending the run.
     faults: Arc<Faults>,
 }
 
@@ -350,13 +356,20 @@ pub struct OutputTopics {
 
 /// The stage's handle: what the decode workers, the scorer and the retry scheduler call.
 pub struct Output {
+    /// The idempotent producer of verdicts and dead letters (flushed and purged at the
+    /// hard stop).
     pub producer: Arc<KafkaProducer>,
+    /// The verdict and dead-letter topics, and the largest record they take.
     pub topics: OutputTopics,
     /// Set at the end of a shutdown's drain: nothing more is produced or retried.
     pub hard_stop: Arc<AtomicBool>,
+    /// To the consumer: an input with nothing to publish may be committed past.
     acks: Sender<Ack>,
+    /// Verdicts, dead letters and truncations by topic and code.
     metrics: Arc<Metrics>,
+    /// The run's counts (dead letters).
     counters: Arc<Counters>,
+    /// Records refused for good, tracked one by one until delivered or released.
     blocks: Arc<OutputBlocks>,
 }
 

@@ -38,11 +38,17 @@ use crate::verdict::judge;
 /// What the pipeline needs to know of the model, fixed for a run.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// The bundle's name and sha256, carried by every verdict.
     pub model_ref: ModelRef,
+    /// The encoder's name (`efficientnet-lite0`, a TorchScript file's).
     pub encoder: String,
+    /// How the decode workers turn images into the encoder's input.
     pub preprocess: Preprocess,
+    /// Thresholds, ID quantiles and held-out scores (the window audit's reference).
     pub calibration: Calibration,
+    /// The score that decides verdicts unless the thresholds name another.
     pub default_score: ScoreKind,
+    /// Whether the bundle has the first-epoch weights the LR score needs.
     pub has_lr: bool,
 }
 
@@ -253,12 +259,19 @@ impl DecodedQueue {
 
 /// Everything a scorer thread owns or shares.
 pub struct ScoringStage {
+    /// The model (this thread's own copy: libtorch state is not shared between scorers).
     pub scorer: Box<dyn ItemScorer>,
+    /// Thresholds in force per topic, swapped whole on SIGHUP.
     pub thresholds: Arc<RwLock<Thresholds>>,
+    /// Where verdicts and dead letters go.
     pub output: Arc<Output>,
+    /// Score histograms, verdict counts, batch sizes and timings.
     pub metrics: Arc<Metrics>,
+    /// The run's counts (verdicts, flagged).
     pub counters: Arc<Counters>,
+    /// Batch size and wait.
     pub pipeline: PipelineConfig,
+    /// Which verdicts are published (flagged only, or all).
     pub publish: Publish,
     /// The window auditor's feed (None: `audit.enabled = false`), and what its groups are.
     pub window_feed: Option<(SyncSender<WindowFeedItem>, GroupBy)>,
