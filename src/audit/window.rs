@@ -1241,6 +1241,28 @@ mod tests {
         assert!(a.tracked().is_empty());
     }
 
+    /// A slow group's window is judged when `window_max` has passed: closed by time, not
+    /// cut short, and too small under `min_items`; a window within its time stays open.
+    #[test]
+    fn a_window_open_longer_than_its_maximum_is_closed_by_time() {
+        let mut state = 6u64;
+        let reference = Reference::new(ScoreKind::Mfsim, id_scores(&mut state, 500), true, Vec::new());
+        let threshold = threshold_of(&reference, 0.05);
+        let mut s = settings(1000);
+        s.window_max = Some(Duration::from_secs(60));
+        let mut a = WindowAuditor::new(s, GroupBy::None, vec![reference], "r".into()).unwrap();
+        feed(&mut a, "slow", "", &id_scores(&mut state, 150), threshold, &mut 0);
+        assert!(a.close_due(Instant::now()).is_empty(), "closed before its time");
+        let records = a.close_due(Instant::now() + Duration::from_secs(61));
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!((r.n, r.closed_by.as_str(), r.cut_short), (150, "time", false));
+        assert_eq!(r.verdict, "in_distribution", "{}", r.line());
+        feed(&mut a, "slow", "", &id_scores(&mut state, 20), threshold, &mut 150);
+        let small = a.close_due(Instant::now() + Duration::from_secs(61));
+        assert_eq!((small[0].n, small[0].window, small[0].verdict.as_str()), (20, 1, "too_small"));
+    }
+
     #[test]
     fn a_revoked_partition_cuts_its_windows_short() {
         let mut state = 4u64;

@@ -54,8 +54,11 @@ pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot load the model: {0}")]
-    Model(String),
+    /// The cause follows in the error's source chain (`{:#}` prints it).
+    #[error("cannot load the model")]
+    Model(#[from] super::scorer::ModelLoadError),
+    #[error("no scorer was given")]
+    NoScorer,
     #[error("kafka: {0}")]
     Kafka(String),
     #[error("brokers {brokers} (kafka.brokers) unreachable at start: {reason}")]
@@ -117,7 +120,7 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let device = cfg.model.device.resolve().map_err(|e| DaemonError::Model(e.to_string()))?;
+    let device = cfg.model.device.resolve().map_err(super::scorer::ModelLoadError::from)?;
     let (workers, _) = crate::device::scoring_workers(cfg.pipeline.scorer_workers, device);
     let scorers = (0..workers)
         .map(|_| BundleScorer::load(&cfg.model).map(|s| Box::new(s) as Box<dyn ItemScorer>))
@@ -187,7 +190,7 @@ pub fn run_with_parts(
     decoder: Decoder,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let model = scorers.first().ok_or_else(|| DaemonError::Model("no scorer".into()))?.model().clone();
+    let model = scorers.first().ok_or(DaemonError::NoScorer)?.model().clone();
     let thresholds =
         Thresholds::resolve(&cfg.thresholds, &model.calibration, model.default_score, model.has_lr)?;
     publish_model_metrics(&metrics, &cfg, &model, &thresholds);

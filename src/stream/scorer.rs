@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 
 use super::consumer::Work;
-use super::daemon::{Counters, DaemonError};
+use super::daemon::Counters;
 use super::message::{ModelRef, VerdictRecord};
 use super::producer::Output;
 use super::thresholds::Thresholds;
@@ -50,6 +50,21 @@ pub struct ModelInfo {
     pub default_score: ScoreKind,
     /// Whether the bundle has the first-epoch weights the LR score needs.
     pub has_lr: bool,
+}
+
+/// Why the configured model could not be loaded (the daemon does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum ModelLoadError {
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Bundle(#[from] crate::model::bundle::BundleError),
+    #[error("{path}: the bundle's scoring settings are unusable: {source}")]
+    Settings {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::model::score::ScoreError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,17 +100,17 @@ pub struct BundleScorer {
 impl BundleScorer {
     /// Loads the bundle and its encoder and checks its scoring settings, so a bad bundle
     /// fails at start instead of dead-lettering the stream.
-    pub fn load(cfg: &ModelConfig) -> Result<Self, DaemonError> {
-        let model = |e: String| DaemonError::Model(e);
-        let device = cfg.device.resolve().map_err(|e| model(e.to_string()))?;
+    pub fn load(cfg: &ModelConfig) -> Result<Self, ModelLoadError> {
+        let device = cfg.device.resolve()?;
         let precision = cfg.precision;
-        let bundle = Bundle::load(&cfg.bundle, device).map_err(|e| model(e.to_string()))?;
+        let bundle = Bundle::load(&cfg.bundle, device)?;
         let encoder = (!cfg.encoder.is_empty()).then_some(cfg.encoder.as_str());
-        let extractor = bundle.load_encoder(encoder, precision).map_err(|e| model(e.to_string()))?;
+        let extractor = bundle.load_encoder(encoder, precision)?;
         let settings = bundle.meta.scoring.clone();
-        bundle.scorer(&settings).validate().map_err(|e| {
-            model(format!("{}: the bundle's scoring settings are unusable: {e}", cfg.bundle.display()))
-        })?;
+        bundle
+            .scorer(&settings)
+            .validate()
+            .map_err(|source| ModelLoadError::Settings { path: cfg.bundle.clone(), source })?;
         let info = ModelInfo {
             model_ref: ModelRef { name: bundle.name(), sha256: bundle.sha256.clone() },
             encoder: bundle.meta.encoder.name.clone(),
