@@ -575,6 +575,7 @@ impl InputConfig {
             uri_pointer: self.uri_pointer.clone(),
             id_pointer: self.id_pointer.clone(),
             passthrough_pointers: self.passthrough_pointers.clone(),
+            group_pointer: String::new(),
         }
     }
 

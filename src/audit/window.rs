@@ -84,6 +84,14 @@ impl GroupBy {
         }
     }
 
+    /// The JSON Pointer the envelope reads the group from ("" unless `json:/pointer`).
+    pub fn json_pointer(&self) -> &str {
+        match self {
+            Self::Json(pointer) => pointer,
+            _ => "",
+        }
+    }
+
     /// A group name from a field's raw value: UTF-8 (lossy), trimmed, cut to a bounded
     /// length; empty or absent is [`MISSING`].
     pub fn name_of(value: Option<&[u8]>) -> String {

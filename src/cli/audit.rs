@@ -526,13 +526,17 @@ fn audit_topic(
         Some(path) => crate::config::Config::load(Some(path))?.input,
         None => crate::config::InputConfig::default(),
     };
-    let spec = input.envelope_for(&range.topic);
+    let group_by = windows.as_deref().map(|w| w.auditor.group_by().clone()).unwrap_or(GroupBy::None);
+    // The daemon's envelope, reading the window audit's source as its resolve stage does.
+    let spec = crate::data::envelope::EnvelopeSpec {
+        group_pointer: group_by.json_pointer().to_string(),
+        ..input.envelope_for(&range.topic)
+    };
     let fetcher = crate::data::reference::Fetcher::new(
         input.fetch_policy(&limits, crate::data::reference::Persistence::Retries),
     );
     let runtime = crate::data::chain::io_runtime()?;
     let decoder = crate::data::chain::default_decoder();
-    let group_by = windows.as_deref().map(|w| w.auditor.group_by().clone()).unwrap_or(GroupBy::None);
     let flush = |pending: &mut Vec<Pending>,
                  set: &mut SetAudit,
                  windows: Option<&mut OfflineWindows>|
@@ -569,13 +573,13 @@ fn audit_topic(
             runtime.block_on(crate::data::chain::fetch_into(&mut u, &fetcher, &observer))?;
             let image = u.image.as_deref().unwrap_or(&m.value);
             let tensor = crate::data::chain::decode_to_tensor(&decoder, image, &limits, &pre)?;
-            Ok((u.id, u.input, tensor))
+            Ok((u.id, u.group, tensor))
         });
         match read {
-            Ok((id, input, (image, seed))) => {
+            Ok((id, json_group, (image, seed))) => {
                 // The daemon's grouping of the same message.
                 let group =
-                    crate::stream::window_stage::group_value(&group_by, &m.headers, &m.value, input.as_ref());
+                    crate::stream::window_stage::group_value(&group_by, &m.headers, json_group.as_deref());
                 pending.push((id.unwrap_or(key_id), seed, image, m.source, group))
             }
             Err(e) => {

@@ -58,6 +58,8 @@ pub struct Unpacked {
     pub id: Option<String>,
     /// Passthrough fields, for the verdict's `input`.
     pub input: Option<Map<String, Value>>,
+    /// The window audit's source, from the event (`EnvelopeSpec::group_pointer`).
+    pub group: Option<String>,
 }
 
 /// Unpacks a value as `spec` says. A raw value is not copied.
@@ -68,7 +70,7 @@ pub fn unpack(value: &[u8], spec: &EnvelopeSpec) -> Result<Unpacked, InputError>
         Payload::Bytes(b) => (Some(b), None),
         Payload::Reference(r) => (None, Some(r)),
     };
-    Ok(Unpacked { image, uri, id: u.id, input: u.input })
+    Ok(Unpacked { image, uri, id: u.id, input: u.input, group: u.group })
 }
 
 /// Fetches what `unpacked` refers to, if anything, so that its image is there.

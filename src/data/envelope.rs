@@ -41,6 +41,11 @@ pub struct EnvelopeSpec {
     pub id_pointer: String,
     /// Fields copied into the verdict under `input` (absent fields are left out).
     pub passthrough_pointers: Vec<String>,
+    /// JSON Pointer to the source the window audit groups by (`audit.group_by =
+    /// "json:/pointer"`), read while the event is parsed anyway. Not a config key: set
+    /// from `[audit]`.
+    #[serde(skip)]
+    pub group_pointer: String,
 }
 
 impl Default for EnvelopeSpec {
@@ -51,6 +56,7 @@ impl Default for EnvelopeSpec {
             uri_pointer: "/uri".into(),
             id_pointer: String::new(),
             passthrough_pointers: Vec::new(),
+            group_pointer: String::new(),
         }
     }
 }
@@ -77,6 +83,7 @@ impl EnvelopeOverride {
                 .passthrough_pointers
                 .clone()
                 .unwrap_or_else(|| base.passthrough_pointers.clone()),
+            group_pointer: base.group_pointer.clone(),
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct Unpacked {
     pub payload: Payload,
     pub id: Option<String>,
     pub input: Option<Map<String, Value>>,
+    /// The value at `group_pointer`: a string as is, any other JSON value as its text.
+    pub group: Option<String>,
 }
 
 /// URI schemes a bare reference value may use.
@@ -151,7 +160,7 @@ fn kind_of(v: &Value) -> &'static str {
 
 /// Reads a value as `spec` says; a raw value is not copied ([`Payload::Value`]).
 pub fn unpack(value: &[u8], spec: &EnvelopeSpec) -> Result<Unpacked, EnvelopeError> {
-    let raw = Ok(Unpacked { payload: Payload::Value, id: None, input: None });
+    let raw = Ok(Unpacked { payload: Payload::Value, id: None, input: None, group: None });
     match spec.format {
         Format::Raw => raw,
         Format::Json => unpack_json(value, spec),
@@ -160,7 +169,7 @@ pub fn unpack(value: &[u8], spec: &EnvelopeSpec) -> Result<Unpacked, EnvelopeErr
             if first == Some(&b'{') {
                 unpack_json(value, spec)
             } else if let Some(uri) = bare_reference(value) {
-                Ok(Unpacked { payload: Payload::Reference(uri), id: None, input: None })
+                Ok(Unpacked { payload: Payload::Reference(uri), id: None, input: None, group: None })
             } else {
                 raw
             }
@@ -206,7 +215,11 @@ fn unpack_json(value: &[u8], spec: &EnvelopeSpec) -> Result<Unpacked, EnvelopeEr
             .filter_map(|p| field(p).map(|v| (p.trim_start_matches('/').to_string(), v.clone())))
             .collect()
     });
-    Ok(Unpacked { payload, id, input })
+    let group = field(&spec.group_pointer).filter(|v| !v.is_null()).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    Ok(Unpacked { payload, id, input, group })
 }
 
 /// Base64 in either alphabet, padding optional, after an optional `data:...;base64,`.

@@ -84,6 +84,8 @@ pub struct Resolved {
     pub uri: Option<String>,
     pub id: Option<String>,
     pub input: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The window audit's source from the JSON event (`audit.group_by = "json:..."`).
+    pub group: Option<String>,
     /// The fetched bytes in the in-flight budget.
     pub held: super::budget::Held,
 }

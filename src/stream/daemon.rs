@@ -276,12 +276,14 @@ pub fn run_with_parts(
             window_feed: feed.clone(),
         })
         .collect();
+    let group_pointer = feed.as_ref().map(|(_, g)| g.json_pointer().to_string()).unwrap_or_default();
     // Only the stages hold the feed now: it closes when the last scorer ends.
     drop(feed);
     let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
     let fetch_health = Arc::new(FetchHealth::default());
     let resolve = ResolveStage {
         input: cfg.input.clone(),
+        group_pointer,
         limits: cfg.pipeline.decode_limits,
         output: output.clone(),
         metrics: metrics.clone(),

@@ -112,6 +112,9 @@ impl FetchObserver for Observer {
 /// Everything the stage needs.
 pub struct ResolveStage {
     pub input: InputConfig,
+    /// Where events carry the window audit's source (`audit.group_by = "json:..."`; "" for
+    /// none): read while the envelope is parsed, not again on the scorer's thread.
+    pub group_pointer: String,
     pub limits: crate::data::DecodeLimits,
     pub output: Arc<Output>,
     pub metrics: Arc<Metrics>,
@@ -139,7 +142,10 @@ impl ResolveStage {
             let topic = &work.record.source.topic;
             let spec = match specs.get(topic) {
                 Some(s) => s,
-                None => specs.entry(topic.clone()).or_insert_with(|| self.input.envelope_for(topic)),
+                None => specs.entry(topic.clone()).or_insert_with(|| EnvelopeSpec {
+                    group_pointer: self.group_pointer.clone(),
+                    ..self.input.envelope_for(topic)
+                }),
             };
             let unpacked = match chain::unpack(&work.record.value, spec) {
                 Ok(u) => u,
@@ -150,6 +156,7 @@ impl ResolveStage {
             };
             work.resolved.id = unpacked.id;
             work.resolved.input = unpacked.input;
+            work.resolved.group = unpacked.group;
             work.resolved.uri = unpacked.uri;
             if let Some(image) = unpacked.image {
                 work.resolved.set_image(image, &self.payloads);

@@ -439,7 +439,7 @@ impl ScoringStage {
             let record = &work.record;
             let item = WindowFeedItem {
                 topic: topic.clone(),
-                group: group_value(group_by, &record.headers, &record.value, work.resolved.input.as_ref()),
+                group: group_value(group_by, &record.headers, work.resolved.group.as_deref()),
                 partition: record.source.partition,
                 offset: record.source.offset,
                 timestamp: record.source.timestamp,

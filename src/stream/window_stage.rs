@@ -69,33 +69,13 @@ impl WindowFeedItem {
     }
 }
 
-/// The grouping field of a message: a header's value, or a JSON event's field (from the
-/// passthrough fields when the pointer is one of them, else read from the value). A
-/// string is taken as is, any other JSON value as its JSON text.
-pub fn group_value(
-    group_by: &GroupBy,
-    headers: &[Header],
-    value: &[u8],
-    input: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Option<Vec<u8>> {
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone().into_bytes(),
-        other => other.to_string().into_bytes(),
-    };
+/// The grouping field of a message: a header's value, or the JSON event's field that the
+/// envelope read (`json_group`, from `EnvelopeSpec::group_pointer`).
+pub fn group_value(group_by: &GroupBy, headers: &[Header], json_group: Option<&str>) -> Option<Vec<u8>> {
     match group_by {
         GroupBy::None | GroupBy::Folder => None,
         GroupBy::Header(name) => super::headers::find(headers, name).map(<[u8]>::to_vec),
-        GroupBy::Json(pointer) => {
-            let key = pointer.trim_start_matches('/');
-            if let Some(v) = input.and_then(|m| m.get(key)) {
-                return Some(text(v));
-            }
-            if value.first() != Some(&b'{') {
-                return None;
-            }
-            let event: serde_json::Value = serde_json::from_slice(value).ok()?;
-            event.pointer(pointer).filter(|v| !v.is_null()).map(text)
-        }
+        GroupBy::Json(_) => json_group.map(|g| g.as_bytes().to_vec()),
     }
 }
 
@@ -262,16 +242,26 @@ mod tests {
     fn the_group_comes_from_a_header_or_a_json_field() {
         let headers: Vec<Header> = vec![(b"camera_id".to_vec(), Some(b"cam-7".to_vec()))];
         let by_header = GroupBy::parse("header:camera_id").unwrap();
-        assert_eq!(group_value(&by_header, &headers, b"", None), Some(b"cam-7".to_vec()));
-        assert_eq!(group_value(&GroupBy::parse("header:site").unwrap(), &headers, b"", None), None);
+        assert_eq!(group_value(&by_header, &headers, None), Some(b"cam-7".to_vec()));
+        assert_eq!(group_value(&GroupBy::parse("header:site").unwrap(), &headers, None), None);
+        // A JSON field is read by the envelope while it parses the event.
         let by_field = GroupBy::parse("json:/meta/camera").unwrap();
+        let spec = crate::data::envelope::EnvelopeSpec {
+            group_pointer: by_field.json_pointer().to_string(),
+            ..Default::default()
+        };
         let event = br#"{"uri": "s3://b/k", "meta": {"camera": 12}}"#;
-        assert_eq!(group_value(&by_field, &[], event, None), Some(b"12".to_vec()));
-        assert_eq!(group_value(&by_field, &[], b"\x89PNG", None), None);
-        let mut input = serde_json::Map::new();
-        input.insert("site".into(), serde_json::json!("north"));
-        let by_site = GroupBy::parse("json:/site").unwrap();
-        assert_eq!(group_value(&by_site, &[], b"{}", Some(&input)), Some(b"north".to_vec()));
-        assert_eq!(group_value(&GroupBy::None, &headers, event, None), None);
+        let group = crate::data::chain::unpack(event, &spec).unwrap().group;
+        assert_eq!(group_value(&by_field, &[], group.as_deref()), Some(b"12".to_vec()));
+        let named = crate::data::chain::unpack(br#"{"uri": "s3://b/k", "meta": {"camera": "north"}}"#, &spec);
+        assert_eq!(named.unwrap().group.as_deref(), Some("north"));
+        assert_eq!(crate::data::chain::unpack(b"\x89PNG", &spec).unwrap().group, None);
+        assert_eq!(
+            crate::data::chain::unpack(br#"{"uri": "s3://b/k", "meta": {"camera": null}}"#, &spec)
+                .unwrap()
+                .group,
+            None
+        );
+        assert_eq!(group_value(&GroupBy::None, &headers, Some("x")), None);
     }
 }
