@@ -738,11 +738,13 @@ impl AuditConfig {
                 "\"folder\" is for offline audits; use header:NAME or json:/pointer",
             ));
         }
-        if self.window_max_seconds == 0 || self.group_idle_seconds == 0 {
-            return Err(invalid(
-                "audit.window_max_seconds",
-                "window_max_seconds and group_idle_seconds must be positive",
-            ));
+        for (key, seconds) in [
+            ("audit.window_max_seconds", self.window_max_seconds),
+            ("audit.group_idle_seconds", self.group_idle_seconds),
+        ] {
+            if seconds == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
         }
         let topic = &self.summary_topic;
         if !topic.is_empty() {
