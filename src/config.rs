@@ -262,7 +262,12 @@ impl std::fmt::Debug for Properties {
 pub struct Config {
     pub kafka: KafkaConfig,
     pub input: InputConfig,
+    /// The default model: scores every input topic that no `thresholds.topics.T.model`
+    /// routes elsewhere. Named `default` in metrics and logs.
     pub model: ModelConfig,
+    /// Further models by name (`[models.NAME]`), each routed to by
+    /// `thresholds.topics.T.model = "NAME"`. Each has its own scorer workers and batches.
+    pub models: BTreeMap<String, ModelConfig>,
     pub pipeline: PipelineConfig,
     pub thresholds: ThresholdsConfig,
     pub metrics: MetricsConfig,
@@ -422,6 +427,9 @@ pub struct ModelConfig {
     pub precision: Precision,
     /// Encoder override (must have the bundle's weights checksum); empty: the bundle's.
     pub encoder: String,
+    /// Watch the bundle file: a changed checksum (checked every 5 s) loads, validates and
+    /// swaps in the new bundle, as SIGHUP does. Off: only SIGHUP swaps.
+    pub watch: bool,
 }
 
 impl Default for ModelConfig {
@@ -431,6 +439,7 @@ impl Default for ModelConfig {
             device: DeviceSpec::Auto,
             precision: Precision::F32,
             encoder: String::new(),
+            watch: false,
         }
     }
 }
@@ -490,6 +499,9 @@ pub struct ThresholdSpec {
     pub value: Option<f64>,
     /// Target false-positive rate on ID data, in (0, 1).
     pub target_fpr: Option<f64>,
+    /// Per topic only: the model (`[models.NAME]`) that scores this topic; empty: the
+    /// default model (`[model]`).
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -806,7 +818,58 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The name of the model configured under `[model]`.
+pub const DEFAULT_MODEL: &str = "default";
+
 impl Config {
+    /// The model that scores `topic`: its `thresholds.topics.T.model`, else the default.
+    pub fn model_for_topic(&self, topic: &str) -> &str {
+        self.thresholds.topics.get(topic).and_then(|t| t.model.as_deref()).unwrap_or(DEFAULT_MODEL)
+    }
+
+    /// Every configured model by name, the default first.
+    pub fn all_models(&self) -> Vec<(&str, &ModelConfig)> {
+        std::iter::once((DEFAULT_MODEL, &self.model))
+            .chain(self.models.iter().map(|(n, m)| (n.as_str(), m)))
+            .collect()
+    }
+
+    /// Model names are label values and log fields: short and plain. A route must name a
+    /// configured model; the default threshold cannot route (every topic would go there).
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        for (name, m) in &self.models {
+            let key = format!("models.{name}");
+            let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if name.is_empty() || name.len() > 64 || !plain {
+                return Err(invalid(&key, "a model name is 1 to 64 letters, digits, - or _"));
+            }
+            if name == DEFAULT_MODEL {
+                return Err(invalid(&key, "\"default\" is the [model] section's name; pick another"));
+            }
+            if m.bundle.as_os_str().is_empty() {
+                return Err(invalid(&format!("{key}.bundle"), "is empty"));
+            }
+        }
+        if self.thresholds.default.model.is_some() {
+            return Err(invalid(
+                "thresholds.default.model",
+                "routes are per topic (thresholds.topics.T.model); unrouted topics use [model]",
+            ));
+        }
+        for (topic, spec) in &self.thresholds.topics {
+            if let Some(name) = &spec.model {
+                if name != DEFAULT_MODEL && !self.models.contains_key(name) {
+                    let known: Vec<&str> = self.all_models().into_iter().map(|(n, _)| n).collect();
+                    return Err(invalid(
+                        &format!("thresholds.topics.{topic}.model"),
+                        format!("{name:?} is not a configured model (known: {})", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `path` (TOML) with `DLSR__SECTION__KEY` environment overrides and validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_with_env(path, std::env::vars())
@@ -1004,6 +1067,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_models()?;
         if k.commit_interval_ms == 0 {
             return Err(invalid("kafka.commit_interval_ms", "must be positive"));
         }

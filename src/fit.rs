@@ -156,6 +156,15 @@ pub fn fit(
     for note in notes {
         tracing::warn!("calibration: {note}");
     }
+    let self_test = self_test_items(
+        &set,
+        extractor,
+        &opts.encode.limits,
+        (&encoded.ids, &encoded.seeds, encoded.skipped.len()),
+        hold_idx,
+        &scorer,
+        opts.device,
+    )?;
     let calibrate_seconds = started.elapsed().as_secs_f64();
 
     let meta = BundleMeta {
@@ -186,11 +195,18 @@ pub fn fit(
             encode_seconds: encoded.seconds,
         },
         has_first_epoch: trained.first_epoch.is_some(),
+        self_test: self_test.as_ref().map(|(t, _)| t.clone()),
     };
     if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(TrainError::Interrupted.into());
     }
-    bundle::save(&opts.out, &meta, &trained.ema.0, trained.first_epoch.as_ref().map(|f| &f.0))?;
+    bundle::save(
+        &opts.out,
+        &meta,
+        &trained.ema.0,
+        trained.first_epoch.as_ref().map(|f| &f.0),
+        self_test.as_ref().map(|(_, images)| images),
+    )?;
     Ok(FitReport {
         meta,
         encode_seconds: encoded.seconds,
@@ -198,6 +214,53 @@ pub fn fit(
         skipped: encoded.skipped_by_code(),
         calibrate_seconds,
     })
+}
+
+/// The bundle's self-test (see [`crate::model::self_test`]): the first held-out items,
+/// read and preprocessed again from the data set, encoded and scored as a daemon will
+/// score them. `encoded` is the encoded set's ids, seeds and number of skipped items (an
+/// encoded item's index in the set is its position plus at most that many). None when
+/// no item could be read again (a data set that changed since it was cached).
+fn self_test_items(
+    set: &DataSet,
+    extractor: &FeatureExtractor,
+    limits: &crate::data::DecodeLimits,
+    encoded: (&[String], &[u64], usize),
+    hold_idx: &[usize],
+    scorer: &crate::model::score::Scorer,
+    device: Device,
+) -> Result<Option<(crate::model::self_test::SelfTest, Tensor)>, FitError> {
+    use crate::model::self_test::{device_kind, SelfTest, StoredScores, SELF_TEST_ITEMS};
+    let (ids, seeds, skipped) = encoded;
+    let (mut images, mut chosen) = (Vec::new(), Vec::new());
+    for &i in hold_idx.iter().take(SELF_TEST_ITEMS) {
+        let last = (i + skipped).min(set.len().saturating_sub(1));
+        let Some(item) = (i..=last).find_map(|j| set.get(j).ok().filter(|item| item.id == ids[i])) else {
+            continue;
+        };
+        let Ok(image) = crate::data::source::decode_item(&item, limits) else { continue };
+        let Ok((tensor, seed)) = crate::data::chain::to_tensor(&image, &extractor.preprocess) else { continue };
+        if seed == seeds[i] {
+            images.push(tensor);
+            chosen.push((ids[i].clone(), seed));
+        }
+    }
+    if images.is_empty() {
+        tracing::warn!("no held-out item could be read again for the bundle's self-test; the bundle has none");
+        return Ok(None);
+    }
+    let images = Tensor::f_stack(&images, 0)?.f_to_device(Device::Cpu)?;
+    let features = extractor.extract(&images)?;
+    let item_seeds: Vec<u64> = chosen.iter().map(|(_, s)| *s).collect();
+    let scores = scorer.score(&features.values, &item_seeds)?;
+    let test = SelfTest {
+        ids: chosen.into_iter().map(|(id, _)| id).collect(),
+        seeds: item_seeds,
+        scores: scores.iter().map(StoredScores::of).collect(),
+        precision: extractor.encoder.precision(),
+        device: device_kind(device).to_string(),
+    };
+    Ok(Some((test, images)))
 }
 
 /// Per-score lists of the scores of all items.

@@ -24,7 +24,7 @@ pub struct ServeArgs {
 pub fn metrics_for(cfg: &Config) -> anyhow::Result<Arc<Metrics>> {
     let meta = crate::model::bundle::read_meta(&cfg.model.bundle)
         .with_context(|| format!("model.bundle = {}", cfg.model.bundle.display()))?;
-    let thresholds = crate::stream::thresholds::Thresholds::resolve(
+    let thresholds = crate::stream::decide::Thresholds::resolve(
         &cfg.thresholds,
         &meta.calibration,
         meta.default_score,

@@ -114,15 +114,17 @@ pub fn default_decoder() -> Decoder {
 pub fn decode_guarded(decoder: &Decoder, bytes: &[u8], limits: &DecodeLimits) -> Result<Image, InputError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder(bytes, limits))) {
         Ok(result) => Ok(result?),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            Err(InputError::DecoderPanic(what))
-        }
+        Err(panic) => Err(InputError::DecoderPanic(panic_message(&panic))),
     }
+}
+
+/// The message a caught panic carried.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// An image preprocessed for the encoder, with the noise seed of its pixels.

@@ -61,6 +61,11 @@ pub struct BundleMeta {
     pub calibration: Calibration,
     pub training: TrainingRecord,
     pub has_first_epoch: bool,
+    /// Held-out items and their scores at fit time, with the images in the tensor
+    /// [`super::self_test::IMAGES_TENSOR`]: what a loading daemon checks the bundle
+    /// against. Absent in bundles from before it (they load with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<super::self_test::SelfTest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +103,8 @@ pub struct Bundle {
     pub device: Device,
     ema: (nn::VarStore, Lfdn),
     first_epoch: Option<(nn::VarStore, Lfdn)>,
+    /// The self-test's preprocessed images (on the CPU), when the bundle has a self-test.
+    pub self_test_images: Option<Tensor>,
 }
 
 fn prefixed(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
@@ -113,10 +120,14 @@ pub fn save(
     meta: &BundleMeta,
     ema: &nn::VarStore,
     first_epoch: Option<&nn::VarStore>,
+    self_test_images: Option<&Tensor>,
 ) -> Result<(), BundleError> {
     let mut named = prefixed(ema, "ema");
     if let Some(first) = first_epoch {
         named.extend(prefixed(first, "first"));
+    }
+    if let Some(images) = self_test_images {
+        named.push((super::self_test::IMAGES_TENSOR.to_string(), images.shallow_clone()));
     }
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let json = serde_json::to_string(meta).map_err(|e| BundleError::Damaged {
@@ -191,8 +202,27 @@ impl Bundle {
         } else {
             None
         };
+        let self_test_images = match &meta.self_test {
+            Some(test) => {
+                let images = stored.get(super::self_test::IMAGES_TENSOR).ok_or_else(|| {
+                    damaged(format!("the self-test's images ({}) are missing", super::self_test::IMAGES_TENSOR))
+                })?;
+                let size = images.size();
+                let want = [test.ids.len() as i64, 3, meta.preprocess.size, meta.preprocess.size];
+                if size != want || test.seeds.len() != test.ids.len() || test.scores.len() != test.ids.len() {
+                    return Err(damaged(format!(
+                        "the self-test lists {} items ({} seeds, {} scores) and holds images of shape {size:?};                          expected {want:?}",
+                        test.ids.len(),
+                        test.seeds.len(),
+                        test.scores.len()
+                    )));
+                }
+                Some(images.shallow_clone())
+            }
+            None => None,
+        };
         let sha256 = super::sha256_file(path)?;
-        Ok(Self { meta, path: path.into(), sha256, device, ema, first_epoch })
+        Ok(Self { meta, path: path.into(), sha256, device, ema, first_epoch, self_test_images })
     }
 
     /// The file name without extension: how verdicts and metrics name the model.
@@ -262,7 +292,13 @@ impl Bundle {
     /// Rewrites the bundle with new calibration (atomically, in place).
     pub fn save_with_calibration(&mut self, calibration: Calibration) -> Result<(), BundleError> {
         self.meta.calibration = calibration;
-        save(&self.path, &self.meta, &self.ema.0, self.first_epoch.as_ref().map(|f| &f.0))?;
+        save(
+            &self.path,
+            &self.meta,
+            &self.ema.0,
+            self.first_epoch.as_ref().map(|f| &f.0),
+            self.self_test_images.as_ref(),
+        )?;
         self.sha256 = super::sha256_file(&self.path)?;
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod features;
 pub mod lfdn;
 pub mod schedule;
 pub mod score;
+pub mod self_test;
 pub mod torchscript;
 pub mod train;
 

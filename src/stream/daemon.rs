@@ -21,11 +21,15 @@
 //! retried, queued and in-flight records are purged, what was acknowledged is committed,
 //! and `run` returns within the deadline plus [`SHUTDOWN_MARGIN`] whatever the pipeline
 //! was doing. SIGHUP: reload thresholds from the config file (a bad file is rejected,
-//! the old thresholds stay).
+//! the old thresholds stay) and every bundle whose file changed: loaded beside the
+//! running one on a reload thread, checked and self-tested, then swapped in at each
+//! scorer's next batch boundary ([`super::models`]); a rejected bundle leaves the old one
+//! scoring. `model.watch` does the same when a bundle file's checksum changes.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{Producer, PurgeConfig};
@@ -36,12 +40,13 @@ use super::kafka::{consumer_config, producer_config};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
 use super::resolve::{FetchHealth, ResolveStage};
+use super::decide::Decider;
+use super::models::{ModelSlot, Worker};
 use super::scorer::{
-    decode_worker, default_decoder, BundleScorer, Decoded, DecodedQueue, Decoder, InputChain, ItemScorer,
-    ModelInfo, ScoringStage,
+    decode_worker, default_decoder, Decoded, DecodedQueue, Decoder, InputChain, ItemScorer, Route, Routes,
+    ScoringStage,
 };
 use super::supervise::{self, Faults};
-use super::thresholds::Thresholds;
 use crate::config::{Config, ConfigError};
 use crate::telemetry::http::Health;
 use crate::telemetry::metrics::Metrics;
@@ -57,8 +62,15 @@ pub enum DaemonError {
     /// The cause follows in the error's source chain (`{:#}` prints it).
     #[error("cannot load the model")]
     Model(#[from] super::scorer::ModelLoadError),
-    #[error("no scorer was given")]
+    #[error("no scorer was given for every configured model")]
     NoScorer,
+    /// A configured model's bundle failed a check at start.
+    #[error("model {model}: {reason}")]
+    ModelRejected {
+        model: String,
+        #[source]
+        reason: Box<super::models::RejectReason>,
+    },
     #[error("kafka: {0}")]
     Kafka(String),
     #[error("brokers {brokers} (kafka.brokers) unreachable at start: {reason}")]
@@ -101,18 +113,17 @@ pub struct Summary {
     pub threads_left_running: usize,
 }
 
-/// Counts shared by the stages (the run's [`Summary`]).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub consumed: AtomicU64,
-    pub verdicts: AtomicU64,
-    pub flagged: AtomicU64,
-    pub dead_letters: AtomicU64,
-    /// Records the broker acknowledged.
-    pub published: AtomicU64,
+pub use super::counters::Counters;
+
+/// One configured model's scorers, one per scorer thread.
+pub struct ServedModel {
+    /// `default` or a `[models.NAME]` key.
+    pub name: String,
+    pub scorers: Vec<Box<dyn ItemScorer>>,
 }
 
-/// Loads the configured bundle and runs the daemon until `control.shutdown` is set.
+/// Loads every configured model (checked and self-tested) and runs the daemon until
+/// `control.shutdown` is set.
 pub fn run(
     cfg: Config,
     config_path: Option<PathBuf>,
@@ -120,12 +131,16 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) -> Result<Summary, DaemonError> {
     cfg.validate()?;
-    let device = cfg.model.device.resolve().map_err(super::scorer::ModelLoadError::from)?;
-    let (workers, _) = crate::device::scoring_workers(cfg.pipeline.scorer_workers, device);
-    let scorers = (0..workers)
-        .map(|_| BundleScorer::load(&cfg.model).map(|s| Box::new(s) as Box<dyn ItemScorer>))
-        .collect::<Result<Vec<_>, _>>()?;
-    run_with_scorer(cfg, config_path, control, metrics, scorers)
+    let mut models = Vec::new();
+    for (name, model) in cfg.all_models() {
+        let device = model.device.resolve().map_err(super::scorer::ModelLoadError::from)?;
+        let (workers, _) = crate::device::scoring_workers(cfg.pipeline.scorer_workers, device);
+        let (scorers, _) = super::models::load_checked(&cfg, name, model, workers, None).map_err(|reason| {
+            DaemonError::ModelRejected { model: name.to_string(), reason: Box::new(reason) }
+        })?;
+        models.push(ServedModel { name: name.to_string(), scorers });
+    }
+    run_with_models(cfg, config_path, control, metrics, models, default_decoder())
 }
 
 /// The stages' threads and channels, started by [`start_pipeline`].
@@ -139,6 +154,26 @@ struct Pipeline {
     window: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A served model as the daemon keeps it: the slot its workers share, how many workers
+/// a swap loads copies for, and what `model.watch` last saw of its file.
+struct ModelHandle {
+    slot: Arc<ModelSlot>,
+    workers: usize,
+    bundle: PathBuf,
+    watch: bool,
+    /// The file's (modified time, length) when last looked at, and the sha256 last tried.
+    seen: Option<(std::time::SystemTime, u64)>,
+    tried: Option<String>,
+}
+
+/// Why a reload runs: SIGHUP (the configuration file again, and every bundle), or
+/// `model.watch` seeing a changed bundle file (the configuration in force).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ReloadCause {
+    Signal,
+    Watch,
+}
+
 /// A running daemon: what the main loop and the shutdown need.
 struct Daemon {
     cfg: Config,
@@ -149,9 +184,13 @@ struct Daemon {
     pipeline: Pipeline,
     /// The producer stage's handle (hard stop, the producer for flush and purge).
     output: Arc<Output>,
-    model: ModelInfo,
-    /// Thresholds in force, shared with the scorer; swapped on SIGHUP.
-    thresholds: Arc<RwLock<Thresholds>>,
+    /// The served models; the scorers take swaps and new thresholds from their slots.
+    models: Vec<ModelHandle>,
+    /// A reload under way (on its own thread: loading a bundle takes seconds, and the
+    /// consumer keeps polling meanwhile); it returns the thresholds it applied.
+    reloading: Option<std::thread::JoinHandle<Option<crate::config::ThresholdsConfig>>>,
+    /// A reload asked for while one ran.
+    reload_pending: Option<ReloadCause>,
     metrics: Arc<Metrics>,
     /// What /readyz answers.
     health: Arc<Health>,
@@ -167,9 +206,13 @@ struct Daemon {
     /// When serving began, and when the wait for a first assignment was last logged.
     serving_since: Instant,
     wait_logged: Option<Instant>,
+    /// The HTTP listener's runtime and stop signal, the topic watcher and its stop flag.
+    http: (tokio::runtime::Runtime, tokio::sync::watch::Sender<bool>),
+    watcher: (std::thread::JoinHandle<()>, Arc<AtomicBool>),
 }
 
-/// Runs the daemon with any [`ItemScorer`] until `control.shutdown` is set or a fault.
+/// Runs the daemon with any [`ItemScorer`] (all serving the default model) until
+/// `control.shutdown` is set or a fault.
 pub fn run_with_scorer(
     cfg: Config,
     config_path: Option<PathBuf>,
@@ -189,156 +232,239 @@ pub fn run_with_parts(
     scorers: Vec<Box<dyn ItemScorer>>,
     decoder: Decoder,
 ) -> Result<Summary, DaemonError> {
-    cfg.validate()?;
-    let model = scorers.first().ok_or(DaemonError::NoScorer)?.model().clone();
-    let thresholds =
-        Thresholds::resolve(&cfg.thresholds, &model.calibration, model.default_score, model.has_lr)?;
-    publish_model_metrics(&metrics, &cfg, &model, &thresholds);
-    let health = Arc::new(Health::new(false));
-    health.set(Some("starting".into()));
-    let (runtime, http_stop) = start_http(&cfg, &control, &metrics, &health)?;
+    let models = vec![ServedModel { name: crate::config::DEFAULT_MODEL.into(), scorers }];
+    run_with_models(cfg, config_path, control, metrics, models, decoder)
+}
 
-    let faults = Arc::new(Faults::default());
-    let counters = Arc::new(Counters::default());
-    let blocks = Arc::new(OutputBlocks::new(metrics.clone()));
-    let (ack_tx, ack_rx) = mpsc::channel();
-    let topics = OutputTopics {
-        verdicts: cfg.kafka.output_topic.clone(),
-        dead_letters: cfg.kafka.dead_letter_topic.clone(),
-        message_max_bytes: cfg.kafka.message_max_bytes,
-    };
-    let (output, retry_rx) = Output::create(
-        producer_config(&cfg.kafka)?,
-        topics,
-        ack_tx,
-        metrics.clone(),
-        counters.clone(),
-        blocks.clone(),
-        faults.clone(),
-    )
-    .map_err(|e| DaemonError::Kafka(format!("producer: {e}")))?;
-    let output = Arc::new(output);
-    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let window = window_stage(&cfg, &model, &thresholds, &metrics, &tracker)?;
-    let ctx = ConsumerCtx::new(tracker.clone(), ack_rx, metrics.clone());
-    let commit_every = Duration::from_millis(cfg.kafka.commit_interval_ms);
-    let consumer = ConsumerStage::connect(
-        consumer_config(&cfg.kafka)?,
-        ctx,
-        &cfg.kafka.input_topics,
-        commit_every,
-        cfg.kafka.on_unreadable,
-        cfg.pipeline.in_flight_bytes / 2,
-    )
-    .map_err(|(reason, unreachable)| match unreachable {
-        true => DaemonError::Unreachable { brokers: cfg.kafka.brokers.clone(), reason },
-        false => DaemonError::Kafka(reason),
-    })?;
-    metrics.broker_up.set(1);
-    let watch_stop = Arc::new(AtomicBool::new(false));
-    let inputs =
-        cfg.kafka.input_topics.iter().filter_map(|t| super::topic_watch::InputSpec::parse(t).ok()).collect();
-    let watcher = super::topic_watch::spawn(
-        super::kafka::connection_config(&cfg.kafka)?,
-        inputs,
-        vec![cfg.kafka.output_topic.clone(), cfg.kafka.dead_letter_topic.clone()],
-        consumer.ctx().input_faults.clone(),
-        metrics.clone(),
-        watch_stop.clone(),
-    )
-    .map_err(DaemonError::Thread)?;
+/// Starts, serves until shutdown or a fault, shuts down.
+pub fn run_with_models(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    control: Control,
+    metrics: Arc<Metrics>,
+    models: Vec<ServedModel>,
+    decoder: Decoder,
+) -> Result<Summary, DaemonError> {
+    let mut daemon = Daemon::start(cfg, config_path, control, metrics, models, decoder)?;
+    daemon.serve();
+    daemon.shutdown()
+}
 
-    let thresholds_text = describe_thresholds(&cfg, &thresholds, &model.calibration);
-    let thresholds = Arc::new(RwLock::new(thresholds));
-    let retries = RetryScheduler {
-        output: output.clone(),
-        tracker,
-        revocations: consumer.ctx().revocations.clone(),
-        metrics: metrics.clone(),
-    };
-    let (feed, window) = match window {
-        Some((stage, group_by)) => {
-            let (tx, rx) = mpsc::sync_channel(super::window_stage::FEED_CAPACITY);
-            (Some((tx, group_by)), Some((stage, rx)))
+/// Every configured model's scorers, in the configuration's order (the default first),
+/// and their deciders; a configured model without scorers is an error.
+fn deciders_of(cfg: &Config, models: Vec<ServedModel>) -> Result<Vec<(ServedModel, Decider)>, DaemonError> {
+    let mut by_name: BTreeMap<String, ServedModel> = models.into_iter().map(|m| (m.name.clone(), m)).collect();
+    let mut out = Vec::new();
+    for (name, _) in cfg.all_models() {
+        let served = by_name.remove(name).filter(|m| !m.scorers.is_empty()).ok_or(DaemonError::NoScorer)?;
+        let info = served.scorers[0].model().clone();
+        let decider = Decider::resolve(cfg, name, info)?;
+        out.push((served, decider));
+    }
+    Ok(out)
+}
+
+/// Score bucket edges for every model's calibration and thresholds in force.
+fn score_edges(deciders: &[Arc<Decider>]) -> Vec<f64> {
+    let edges: Vec<f64> = deciders
+        .iter()
+        .flat_map(|d| crate::telemetry::metrics::score_buckets(&d.model.calibration, &d.thresholds.values()))
+        .collect();
+    crate::telemetry::metrics::clean_buckets(edges)
+}
+
+impl Daemon {
+    /// Wires the stages: HTTP listener, producer, consumer, topic watcher, window
+    /// auditor, resolve and decode workers, one scorer set per model; logs what serves.
+    fn start(
+        cfg: Config,
+        config_path: Option<PathBuf>,
+        control: Control,
+        metrics: Arc<Metrics>,
+        models: Vec<ServedModel>,
+        decoder: Decoder,
+    ) -> Result<Self, DaemonError> {
+        cfg.validate()?;
+        let served = deciders_of(&cfg, models)?;
+        let deciders: Vec<Arc<Decider>> = served.iter().map(|(_, d)| Arc::new(d.clone())).collect();
+        metrics.set_score_buckets(score_edges(&deciders));
+        for d in &deciders {
+            publish_model_metrics(&metrics, d);
         }
-        None => (None, None),
-    };
-    let stages = scorers
-        .into_iter()
-        .map(|scorer| ScoringStage {
-            scorer,
-            thresholds: thresholds.clone(),
+        for topic in &cfg.kafka.input_topics {
+            metrics.start_topic(topic);
+        }
+        let health = Arc::new(Health::new(false));
+        health.set(Some("starting".into()));
+        let http = start_http(&cfg, &control, &metrics, &health)?;
+
+        let faults = Arc::new(Faults::default());
+        let counters = Arc::new(Counters::default());
+        let blocks = Arc::new(OutputBlocks::new(metrics.clone()));
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let topics = OutputTopics {
+            verdicts: cfg.kafka.output_topic.clone(),
+            dead_letters: cfg.kafka.dead_letter_topic.clone(),
+            message_max_bytes: cfg.kafka.message_max_bytes,
+        };
+        let (output, retry_rx) = Output::create(
+            producer_config(&cfg.kafka)?,
+            topics,
+            ack_tx,
+            metrics.clone(),
+            counters.clone(),
+            blocks.clone(),
+            faults.clone(),
+        )
+        .map_err(|e| DaemonError::Kafka(format!("producer: {e}")))?;
+        let output = Arc::new(output);
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let window = window_stage(&cfg, &deciders, &metrics, &tracker)?;
+        let ctx = ConsumerCtx::new(tracker.clone(), ack_rx, metrics.clone());
+        let commit_every = Duration::from_millis(cfg.kafka.commit_interval_ms);
+        let consumer = ConsumerStage::connect(
+            consumer_config(&cfg.kafka)?,
+            ctx,
+            &cfg.kafka.input_topics,
+            commit_every,
+            cfg.kafka.on_unreadable,
+            cfg.pipeline.in_flight_bytes / 2,
+        )
+        .map_err(|(reason, unreachable)| match unreachable {
+            true => DaemonError::Unreachable { brokers: cfg.kafka.brokers.clone(), reason },
+            false => DaemonError::Kafka(reason),
+        })?;
+        metrics.broker_up.set(1);
+        let watch_stop = Arc::new(AtomicBool::new(false));
+        let inputs =
+            cfg.kafka.input_topics.iter().filter_map(|t| super::topic_watch::InputSpec::parse(t).ok()).collect();
+        let watcher = super::topic_watch::spawn(
+            super::kafka::connection_config(&cfg.kafka)?,
+            inputs,
+            vec![cfg.kafka.output_topic.clone(), cfg.kafka.dead_letter_topic.clone()],
+            consumer.ctx().input_faults.clone(),
+            metrics.clone(),
+            watch_stop.clone(),
+        )
+        .map_err(DaemonError::Thread)?;
+
+        let retries = RetryScheduler {
+            output: output.clone(),
+            tracker,
+            revocations: consumer.ctx().revocations.clone(),
+            metrics: metrics.clone(),
+        };
+        let (feed, window) = match window {
+            Some((stage, group_by)) => {
+                let (tx, rx) = mpsc::sync_channel(super::window_stage::FEED_CAPACITY);
+                (Some((tx, group_by)), Some((stage, rx)))
+            }
+            None => (None, None),
+        };
+        let mut handles = Vec::new();
+        let mut per_model = Vec::new();
+        for (model, decider) in served {
+            let config = cfg.all_models().into_iter().find(|(n, _)| *n == model.name).map(|(_, m)| m.clone());
+            let config = config.unwrap_or_default();
+            let slot = Arc::new(ModelSlot::new(decider));
+            handles.push(ModelHandle {
+                slot: slot.clone(),
+                workers: model.scorers.len(),
+                bundle: config.bundle.clone(),
+                watch: config.watch,
+                seen: file_stamp(&config.bundle),
+                tried: None,
+            });
+            let stages: Vec<ScoringStage> = model
+                .scorers
+                .into_iter()
+                .map(|scorer| ScoringStage {
+                    worker: Worker::new(scorer, slot.clone()),
+                    output: output.clone(),
+                    metrics: metrics.clone(),
+                    counters: counters.clone(),
+                    pipeline: cfg.pipeline.clone(),
+                    window_feed: feed.clone(),
+                })
+                .collect();
+            per_model.push(stages);
+        }
+        let group_pointer = feed.as_ref().map(|(_, g)| g.json_pointer().to_string()).unwrap_or_default();
+        // Only the stages hold the feed now: it closes when the last scorer ends.
+        drop(feed);
+        let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
+        let fetch_health = Arc::new(FetchHealth::default());
+        let resolve = ResolveStage {
+            input: cfg.input.clone(),
+            group_pointer,
+            limits: cfg.pipeline.decode_limits,
             output: output.clone(),
             metrics: metrics.clone(),
-            counters: counters.clone(),
-            pipeline: cfg.pipeline.clone(),
-            publish: cfg.kafka.publish,
-            window_feed: feed.clone(),
+            health: fetch_health.clone(),
+            payloads: consumer.payloads.clone(),
+        };
+        let mut pipeline = start_pipeline(
+            &cfg, per_model, resolve, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
+        )?;
+        if let Some((stage, rx)) = window {
+            let spawned = supervise::spawn("dlsr-window", &faults, move || stage.run(rx));
+            pipeline.window = Some(spawned.map_err(DaemonError::Thread)?);
+        }
+        for d in &deciders {
+            let device = cfg.all_models().into_iter().find(|(n, _)| *n == d.name).map(|(_, m)| m.device);
+            tracing::info!(
+                model = %d.name,
+                bundle = %d.model.model_ref.name,
+                sha256 = %d.model.model_ref.sha256,
+                encoder = %d.model.encoder,
+                input_px = d.model.preprocess.size,
+                device = ?device,
+                thresholds = %d.describe(),
+                "model"
+            );
+        }
+        tracing::info!(
+            topics = ?cfg.kafka.input_topics,
+            brokers = %cfg.kafka.brokers,
+            group = %cfg.kafka.group_id,
+            models = %deciders.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+            model = %deciders[0].model.model_ref.name,
+            sha256 = %deciders[0].model.model_ref.sha256,
+            precision = %cfg.model.precision,
+            thresholds = %deciders.iter().map(|d| d.describe()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("; "),
+            config = %config_path.as_deref().map_or_else(|| "built-in defaults and DLSR__* environment".into(), |p| p.display().to_string()),
+            "dlsr serving"
+        );
+        Ok(Daemon {
+            cfg,
+            config_path,
+            control,
+            consumer,
+            pipeline,
+            output,
+            models: handles,
+            reloading: None,
+            reload_pending: None,
+            metrics,
+            health,
+            blocks,
+            budget,
+            fetch_health,
+            faults,
+            counters,
+            summary: Summary::default(),
+            serving_since: Instant::now(),
+            wait_logged: None,
+            http,
+            watcher: (watcher, watch_stop),
         })
-        .collect();
-    let group_pointer = feed.as_ref().map(|(_, g)| g.json_pointer().to_string()).unwrap_or_default();
-    // Only the stages hold the feed now: it closes when the last scorer ends.
-    drop(feed);
-    let budget = DecodeBudget::new(cfg.pipeline.in_flight_bytes / 2);
-    let fetch_health = Arc::new(FetchHealth::default());
-    let resolve = ResolveStage {
-        input: cfg.input.clone(),
-        group_pointer,
-        limits: cfg.pipeline.decode_limits,
-        output: output.clone(),
-        metrics: metrics.clone(),
-        health: fetch_health.clone(),
-        payloads: consumer.payloads.clone(),
-    };
-    let mut pipeline = start_pipeline(
-        &cfg, &model, stages, resolve, retries, retry_rx, &output, &metrics, &faults, &decoder, &budget,
-    )?;
-    if let Some((stage, rx)) = window {
-        let spawned = supervise::spawn("dlsr-window", &faults, move || stage.run(rx));
-        pipeline.window = Some(spawned.map_err(DaemonError::Thread)?);
     }
-    tracing::info!(
-        topics = ?cfg.kafka.input_topics,
-        brokers = %cfg.kafka.brokers,
-        group = %cfg.kafka.group_id,
-        model = %model.model_ref.name,
-        sha256 = %model.model_ref.sha256,
-        encoder = %model.encoder,
-        input_px = model.preprocess.size,
-        device = ?cfg.model.device,
-        precision = %cfg.model.precision,
-        thresholds = %thresholds_text,
-        config = %config_path.as_deref().map_or_else(|| "built-in defaults and DLSR__* environment".into(), |p| p.display().to_string()),
-        "dlsr serving"
-    );
+}
 
-    let mut daemon = Daemon {
-        cfg,
-        config_path,
-        control,
-        consumer,
-        pipeline,
-        output,
-        model,
-        thresholds,
-        metrics,
-        health,
-        blocks,
-        budget,
-        fetch_health,
-        faults,
-        counters,
-        summary: Summary::default(),
-        serving_since: Instant::now(),
-        wait_logged: None,
-    };
-    daemon.serve();
-    let result = daemon.shutdown();
-    watch_stop.store(true, Ordering::Relaxed);
-    let _ = watcher.join();
-    let _ = http_stop.send(true);
-    runtime.shutdown_timeout(Duration::from_millis(500));
-    result
+/// A file's modified time and length (None: it cannot be read now).
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl Daemon {
@@ -348,10 +474,10 @@ impl Daemon {
         let limit = self.cfg.pipeline.in_flight_limit;
         let mut last_housekeeping = Instant::now() - Duration::from_secs(1);
         let mut last_trim = Instant::now();
+        let mut last_watch = Instant::now();
         while !self.control.shutdown.load(Ordering::Relaxed) && !self.faults.any() {
             if self.control.reload.swap(false, Ordering::Relaxed) {
-                let path = self.config_path.as_deref();
-                reload_thresholds(path, &self.model, &self.thresholds, &self.metrics, &self.cfg);
+                self.request_reload(ReloadCause::Signal);
             }
             let in_flight = self.consumer.tick(limit);
             self.metrics.in_flight.set(in_flight as i64);
@@ -360,6 +486,11 @@ impl Daemon {
             self.summary.max_in_flight = self.summary.max_in_flight.max(in_flight);
             if last_housekeeping.elapsed() >= Duration::from_millis(250) {
                 last_housekeeping = Instant::now();
+                self.finish_reload();
+                if last_watch.elapsed() >= WATCH_EVERY {
+                    last_watch = Instant::now();
+                    self.watch_bundles();
+                }
                 self.check_faults();
                 self.log_assignment_wait();
                 self.health.set(self.not_ready_reason());
@@ -468,7 +599,11 @@ impl Daemon {
     /// Stops fetching, drains until the deadline (not after a fault), hard-stops the
     /// output, commits what was acknowledged, and joins what finishes in time.
     fn shutdown(self) -> Result<Summary, DaemonError> {
-        let Daemon { cfg, mut consumer, pipeline, output, health, faults, counters, mut summary, .. } = self;
+        let Daemon {
+            cfg, mut consumer, pipeline, output, health, faults, counters, mut summary, http, watcher, reloading, ..
+        } = self;
+        // A reload still loading is not waited for; what it would swap in is dropped.
+        drop(reloading);
         let faulted = faults.any();
         health.set(Some("shutting down".into()));
         tracing::info!("shutting down: draining in-flight messages");
@@ -536,19 +671,181 @@ impl Daemon {
             threads_left_running = summary.threads_left_running,
             "dlsr stopped"
         );
+        let (watcher, watch_stop) = watcher;
+        watch_stop.store(true, Ordering::Relaxed);
+        let _ = watcher.join();
+        let (runtime, http_stop) = http;
+        let _ = http_stop.send(true);
+        runtime.shutdown_timeout(Duration::from_millis(500));
         match faults.first() {
             Some(f) => Err(DaemonError::Fault(f)),
             None => Ok(summary),
         }
     }
+
+    /// Starts a reload on its own thread, or queues it behind the one running.
+    fn request_reload(&mut self, cause: ReloadCause) {
+        if self.reloading.is_some() {
+            self.reload_pending = Some(match (self.reload_pending, cause) {
+                (Some(ReloadCause::Signal), _) | (_, ReloadCause::Signal) => ReloadCause::Signal,
+                _ => ReloadCause::Watch,
+            });
+            return;
+        }
+        let cfg = match (cause, self.config_path.as_deref()) {
+            (ReloadCause::Watch, _) => self.cfg.clone(),
+            (ReloadCause::Signal, None) => {
+                tracing::warn!("SIGHUP: no configuration file to reload; bundles are checked for changes");
+                self.cfg.clone()
+            }
+            (ReloadCause::Signal, Some(path)) => match Config::load(Some(path)) {
+                Ok(new) => {
+                    let ignored = restart_only_changes(&self.cfg, &new);
+                    if !ignored.is_empty() {
+                        tracing::warn!(
+                            sections = %ignored.join(", "),
+                            "SIGHUP: the reloaded file also changes settings that only a restart applies; they \
+                             are not in force"
+                        );
+                    }
+                    // Only the thresholds (and routes' thresholds) of the new file apply.
+                    let mut applied = self.cfg.clone();
+                    applied.thresholds = new.thresholds;
+                    applied
+                }
+                Err(e) => {
+                    self.metrics.record_reload(false);
+                    tracing::error!("SIGHUP: new configuration rejected, keeping the old one: {e}");
+                    return;
+                }
+            },
+        };
+        let slots: Vec<(Arc<ModelSlot>, usize)> = self.models.iter().map(|m| (m.slot.clone(), m.workers)).collect();
+        let metrics = self.metrics.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dlsr-reload".into())
+            .spawn(move || reload_models(&cfg, &slots, &metrics, cause).then_some(cfg.thresholds));
+        match spawned {
+            Ok(handle) => self.reloading = Some(handle),
+            Err(e) => tracing::error!("cannot start the reload thread: {e}"),
+        }
+    }
+
+    /// Takes a finished reload's result; starts the one queued behind it.
+    fn finish_reload(&mut self) {
+        if !self.reloading.as_ref().is_some_and(|h| h.is_finished()) {
+            return;
+        }
+        let Some(handle) = self.reloading.take() else { return };
+        match handle.join() {
+            Ok(Some(thresholds)) => self.cfg.thresholds = thresholds,
+            Ok(None) => {}
+            Err(_) => tracing::error!("the reload thread panicked; the models in force are unchanged"),
+        }
+        for m in &mut self.models {
+            // What serves now is what a watch compares the file with.
+            m.tried = Some(m.slot.decider().model.model_ref.sha256.clone());
+        }
+        if let Some(cause) = self.reload_pending.take() {
+            self.request_reload(cause);
+        }
+    }
+
+    /// `model.watch`: a bundle file whose length or modified time changed, and whose
+    /// sha256 is neither what serves nor what was last tried, is reloaded.
+    fn watch_bundles(&mut self) {
+        let mut changed = false;
+        for m in self.models.iter_mut().filter(|m| m.watch) {
+            let stamp = file_stamp(&m.bundle);
+            if stamp == m.seen {
+                continue;
+            }
+            m.seen = stamp;
+            let Ok(sha) = super::models::file_sha256(&m.bundle) else { continue };
+            let serving = m.slot.decider().model.model_ref.sha256.clone();
+            if sha == serving {
+                // Put back: the failing gauge clears.
+                self.metrics.model_reload_failing.with_label_values(&[m.slot.name.as_str()]).set(0);
+            } else if m.tried.as_deref() != Some(sha.as_str()) {
+                tracing::info!(model = %m.slot.name, bundle = %m.bundle.display(), sha256 = %sha, "model.watch: the bundle file changed");
+                m.tried = Some(sha);
+                changed = true;
+            }
+        }
+        if changed {
+            self.request_reload(ReloadCause::Watch);
+        }
+    }
+}
+
+/// Between [`Daemon::watch_bundles`] looks at the bundle files.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// Reloads every model under `cfg` (on the reload thread): swaps changed bundles that
+/// pass every check, re-resolves the thresholds, sets the gauges and the score buckets.
+/// Returns whether `cfg`'s thresholds are now in force: a threshold that does not
+/// resolve against the bundle it would judge for rejects the whole configuration (the
+/// old thresholds stay; bundle swaps still happen, with the old thresholds' keys).
+fn reload_models(cfg: &Config, slots: &[(Arc<ModelSlot>, usize)], metrics: &Metrics, cause: ReloadCause) -> bool {
+    use super::models::ReloadOutcome;
+    let mut config_ok = true;
+    for (slot, workers) in slots {
+        let name = slot.name.as_str();
+        match super::models::reload(cfg, slot, *workers) {
+            ReloadOutcome::Thresholds => {
+                metrics.model_reload_failing.with_label_values(&[name]).set(0);
+            }
+            ReloadOutcome::ThresholdsRejected(reason) => {
+                config_ok = false;
+                tracing::error!(model = %name, "reload: thresholds rejected, keeping the old ones: {reason}");
+            }
+            ReloadOutcome::Swapped { from, to } => {
+                metrics.record_model_reload(name, true);
+                let d = slot.decider();
+                publish_model_metrics(metrics, &d);
+                tracing::info!(
+                    model = %name,
+                    from = %from,
+                    to = %to,
+                    bundle = %d.model.model_ref.name,
+                    thresholds = %d.describe(),
+                    "model swapped: the new bundle passed its checks and self-test and serves from each \
+                     scorer's next batch"
+                );
+                for warning in d.kept_value_warnings(cfg) {
+                    tracing::warn!(model = %name, "{warning}");
+                }
+            }
+            ReloadOutcome::Rejected { sha256, reason } => {
+                metrics.record_model_reload(name, false);
+                tracing::error!(
+                    model = %name,
+                    sha256 = %sha256.as_deref().unwrap_or("unreadable"),
+                    "model reload rejected, the old bundle keeps scoring: {reason}"
+                );
+            }
+        }
+    }
+    let deciders: Vec<Arc<Decider>> = slots.iter().map(|(s, _)| s.decider()).collect();
+    for d in &deciders {
+        d.set_gauges(metrics);
+    }
+    metrics.set_score_buckets(score_edges(&deciders));
+    if cause == ReloadCause::Signal {
+        metrics.record_reload(config_ok);
+        if config_ok {
+            let described: Vec<String> = deciders.iter().map(|d| d.describe()).filter(|t| !t.is_empty()).collect();
+            tracing::info!(thresholds = %described.join("; "), "SIGHUP: configuration reloaded");
+        }
+    }
+    config_ok
 }
 
 /// Spawns the decode workers, the scorer and the retry scheduler, all supervised.
 #[allow(clippy::too_many_arguments)]
 fn start_pipeline(
     cfg: &Config,
-    model: &ModelInfo,
-    stages: Vec<ScoringStage>,
+    per_model: Vec<Vec<ScoringStage>>,
     resolve: ResolveStage,
     retries: RetryScheduler,
     retry_rx: mpsc::Receiver<super::producer::OutputRecord>,
@@ -561,7 +858,6 @@ fn start_pipeline(
     let p = &cfg.pipeline;
     let (work_tx, consumed_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
     let (resolved_tx, resolved_rx) = mpsc::sync_channel::<Work>(p.in_flight_limit * 2);
-    let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Decoded>(p.batch_max_size * 2);
     let work_rx = Arc::new(Mutex::new(resolved_rx));
     let mut threads = Vec::new();
     let resolver = supervise::spawn("dlsr-resolve", faults, {
@@ -573,33 +869,51 @@ fn start_pipeline(
         }
     });
     threads.push(resolver.map_err(DaemonError::Thread)?);
+    // One decoded queue per model: a batch holds one model's items only.
+    let mut routes = Vec::new();
+    let mut queues = Vec::new();
+    for stages in &per_model {
+        let (tx, rx) = mpsc::sync_channel::<Decoded>(p.batch_max_size * 2);
+        let preprocess = stages.first().map(|s| s.worker.scorer.model().preprocess).ok_or(DaemonError::NoScorer)?;
+        routes.push(Route { preprocess, queue: tx });
+        queues.push(Arc::new(Mutex::new(DecodedQueue::new(rx))));
+    }
+    let names: Vec<String> = per_model.iter().map(|s| s[0].worker.slot.name.clone()).collect();
+    let by_topic = cfg
+        .thresholds
+        .topics
+        .keys()
+        .filter_map(|t| names.iter().position(|n| n == cfg.model_for_topic(t)).map(|i| (t.clone(), i)))
+        .collect();
     let chain = InputChain {
-        preprocess: model.preprocess,
+        routes: Arc::new(Routes { models: routes, by_topic }),
         limits: p.decode_limits,
         decoder: decoder.clone(),
         budget: budget.clone(),
     };
     for i in 0..p.decode_workers {
-        let (rx, tx, out, m) = (work_rx.clone(), decoded_tx.clone(), output.clone(), metrics.clone());
+        let (rx, out, m) = (work_rx.clone(), output.clone(), metrics.clone());
         let chain = chain.clone();
-        let spawned = supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || {
-            decode_worker(rx, tx, chain, out, m)
-        });
+        let spawned = supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || decode_worker(rx, chain, out, m));
         threads.push(spawned.map_err(DaemonError::Thread)?);
     }
-    drop(decoded_tx);
-    // Scorers share the decoded queue; each forms its batches under its lock.
-    let decoded_rx = Arc::new(Mutex::new(DecodedQueue::new(decoded_rx)));
-    let (workers, threads_each) = crate::device::scoring_workers(stages.len(), tch::Device::Cpu);
-    for (i, stage) in stages.into_iter().enumerate() {
-        let rx = decoded_rx.clone();
-        let spawned = supervise::spawn(&format!("dlsr-scorer-{i}"), faults, move || {
-            if workers > 1 {
-                tch::set_num_threads(threads_each);
-            }
-            stage.run(&rx)
-        });
-        threads.push(spawned.map_err(DaemonError::Thread)?);
+    // The queues close when the decode workers (the routes' only senders) end.
+    drop(chain);
+    let total: usize = per_model.iter().map(Vec::len).sum();
+    let (_, threads_each) = crate::device::scoring_workers(total, tch::Device::Cpu);
+    let mut index = 0;
+    for (stages, queue) in per_model.into_iter().zip(queues) {
+        for stage in stages {
+            let rx = queue.clone();
+            let spawned = supervise::spawn(&format!("dlsr-scorer-{index}"), faults, move || {
+                if total > 1 {
+                    tch::set_num_threads(threads_each);
+                }
+                stage.run(&rx)
+            });
+            threads.push(spawned.map_err(DaemonError::Thread)?);
+            index += 1;
+        }
     }
     threads.push(
         supervise::spawn("dlsr-retry", faults, move || retries.run(retry_rx)).map_err(DaemonError::Thread)?,
@@ -607,46 +921,27 @@ fn start_pipeline(
     Ok(Pipeline { work_tx, threads, window: None })
 }
 
-/// The window auditor's stage, when `audit.enabled`: the held-out ID sample of every
-/// score kind the bundle calibrated (a kind the thresholds use must have one), and the
-/// summary topic's producer.
+/// The window auditor's stage, when `audit.enabled`: one auditor per model against its
+/// bundle's held-out sample (a kind the thresholds use must have one), and the summary
+/// topic's producer.
 fn window_stage(
     cfg: &Config,
-    model: &ModelInfo,
-    thresholds: &Thresholds,
+    deciders: &[Arc<Decider>],
     metrics: &Arc<Metrics>,
     tracker: &Arc<Mutex<OffsetTracker>>,
 ) -> Result<Option<(super::window_stage::WindowStage, crate::audit::window::GroupBy)>, DaemonError> {
-    use crate::audit::window::{Reference, WindowAuditor};
     let audit = &cfg.audit;
     if !audit.enabled {
         return Ok(None);
     }
-    let settings = audit.settings()?;
-    let group_by = audit.group_by()?;
-    let in_use: Vec<crate::model::score::ScoreKind> =
-        std::iter::once(thresholds.default.kind).chain(thresholds.topics.values().map(|t| t.kind)).collect();
-    let mut references = Vec::new();
-    for &kind in model.calibration.scores.keys() {
-        match Reference::from_calibration(&model.calibration, kind, audit.allow_quantile_reference) {
-            Ok((reference, warning)) => {
-                if let (Some(w), true) = (warning, in_use.contains(&kind)) {
-                    tracing::warn!("window audit: {w}");
-                }
-                references.push(reference);
-            }
-            Err(e) if in_use.contains(&kind) => return Err(DaemonError::Audit(e.to_string())),
-            Err(_) => {}
-        }
-    }
-    let auditor = WindowAuditor::new(settings, group_by.clone(), references, WindowAuditor::run_now())
-        .map_err(|e| DaemonError::Audit(e.to_string()))?;
+    let factory = super::window_stage::AuditorFactory::from_config(audit)?;
+    let group_by = factory.group_by.clone();
     let summary = match audit.summary_topic.trim() {
         "" => None,
         topic => Some((super::kafka::producer_config(&cfg.kafka)?, topic.to_string())),
     };
-    let stage = super::window_stage::WindowStage::new(auditor, summary, metrics.clone(), tracker.clone())
-        .map_err(|e| DaemonError::Kafka(format!("summary producer: {e}")))?;
+    let stage = super::window_stage::WindowStage::new(factory, deciders, summary, metrics.clone(), tracker.clone())
+        .map_err(DaemonError::Audit)?;
     Ok(Some((stage, group_by)))
 }
 
@@ -674,65 +969,11 @@ fn start_http(
     Ok((runtime, stop_tx))
 }
 
-/// The model's and the thresholds' gauges, and every input topic's series at 0.
-fn publish_model_metrics(metrics: &Metrics, cfg: &Config, model: &ModelInfo, thresholds: &Thresholds) {
-    metrics.set_model_info(
-        &model.model_ref.name,
-        &model.model_ref.sha256,
-        &model.encoder,
-        model.preprocess.size,
-    );
-    update_threshold_gauges(metrics, cfg, thresholds, &model.calibration);
-    for topic in &cfg.kafka.input_topics {
-        metrics.start_topic(topic);
-    }
-    // The ID score quantiles the alert rules compare the live median against.
-    for (kind, cal) in &model.calibration.scores {
-        for (p, label) in [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")] {
-            metrics.set_id_quantile(*kind, label, cal.id_quantile(p));
-        }
-    }
-}
-
-/// Thresholds in force and the ID false-positive rate each implies; cleared first so a
-/// reload that changes a topic's score kind leaves no stale series behind.
-fn update_threshold_gauges(
-    metrics: &Metrics,
-    cfg: &Config,
-    t: &Thresholds,
-    calibration: &crate::eval::calibration::Calibration,
-) {
-    metrics.clear_thresholds();
-    for topic in &cfg.kafka.input_topics {
-        let thr = t.for_topic(topic);
-        let fpr = calibration.scores.get(&thr.kind).map(|c| {
-            let rate = c.id_exceedance(thr.value);
-            (rate, crate::eval::calibration::rate_interval(rate, calibration.items))
-        });
-        metrics.set_threshold(topic, thr.kind, thr.value, fpr);
-    }
-}
-
-/// The thresholds in force per input topic, for people: `images: mfsim > -0.9926
-/// (ID rate 5.00%)`.
-fn describe_thresholds(
-    cfg: &Config,
-    t: &Thresholds,
-    calibration: &crate::eval::calibration::Calibration,
-) -> String {
-    cfg.kafka
-        .input_topics
-        .iter()
-        .map(|topic| {
-            let thr = t.for_topic(topic);
-            let rate = calibration
-                .scores
-                .get(&thr.kind)
-                .map_or(String::new(), |c| format!(" (ID rate {:.2}%)", c.id_exceedance(thr.value) * 100.0));
-            format!("{topic}: {} > {}{rate}", thr.kind, thr.value)
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
+/// A model's info, threshold and ID quantile gauges.
+fn publish_model_metrics(metrics: &Metrics, d: &Decider) {
+    let m = &d.model;
+    metrics.set_model_info(&d.name, &m.model_ref.name, &m.model_ref.sha256, &m.encoder, m.preprocess.size);
+    d.set_gauges(metrics);
 }
 
 /// The sections (`kafka.publish`, `model`, ...) in which `new` differs from the running
@@ -760,52 +1001,6 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
-fn reload_thresholds(
-    path: Option<&std::path::Path>,
-    model: &ModelInfo,
-    thresholds: &RwLock<Thresholds>,
-    metrics: &Metrics,
-    running: &Config,
-) {
-    let Some(path) = path else {
-        tracing::warn!("SIGHUP: no configuration file to reload");
-        metrics.record_reload(false);
-        return;
-    };
-    // The whole file must be valid; only its thresholds take effect without a restart.
-    let result = Config::load(Some(path)).and_then(|new| {
-        Thresholds::resolve(&new.thresholds, &model.calibration, model.default_score, model.has_lr)
-            .map(|t| (t, new))
-    });
-    match result {
-        Ok((t, new)) => {
-            update_threshold_gauges(metrics, running, &t, &model.calibration);
-            let old = match thresholds.write() {
-                Ok(mut w) => std::mem::replace(&mut *w, t.clone()),
-                Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), t.clone()),
-            };
-            metrics.record_reload(true);
-            tracing::info!(
-                old = %describe_thresholds(running, &old, &model.calibration),
-                new = %describe_thresholds(running, &t, &model.calibration),
-                "SIGHUP: thresholds reloaded"
-            );
-            let ignored = restart_only_changes(running, &new);
-            if !ignored.is_empty() {
-                tracing::warn!(
-                    sections = %ignored.join(", "),
-                    "SIGHUP: the reloaded file also changes settings that only a restart applies; they are \
-                     not in force"
-                );
-            }
-        }
-        Err(e) => {
-            metrics.record_reload(false);
-            tracing::error!("SIGHUP: new configuration rejected, keeping the old one: {e}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -821,26 +1016,5 @@ mod tests {
             if running.kafka.publish == Publish::All { Publish::Flagged } else { Publish::All };
         new.pipeline.batch_max_size += 1;
         assert_eq!(restart_only_changes(&running, &new), ["kafka.publish", "pipeline.batch_max_size"]);
-    }
-
-    #[test]
-    fn thresholds_are_described_per_topic_with_their_id_rate() {
-        use crate::eval::calibration::{calibrate_scores, Calibration};
-        use crate::model::score::ScoreKind;
-        let scores: Vec<f64> = (1..=100).map(f64::from).collect();
-        let calibration = Calibration {
-            target_fpr: 0.05,
-            items: 100,
-            source: "test".into(),
-            precision: Default::default(),
-            scores: [(ScoreKind::Mfsim, calibrate_scores(&scores, 0.05).unwrap())].into(),
-            layer_cos: Vec::new(),
-        };
-        let t = Thresholds {
-            default: crate::stream::thresholds::Threshold { kind: ScoreKind::Mfsim, value: 95.0 },
-            topics: Default::default(),
-        };
-        let text = describe_thresholds(&Config::default(), &t, &calibration);
-        assert!(text.starts_with("images: mfsim > 95 (ID rate 5."), "{text}");
     }
 }

@@ -38,7 +38,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
 use super::consumer::Work;
-use super::daemon::Counters;
+use super::counters::Counters;
 use super::headers::{self, Header};
 use super::offsets::{Ack, OffsetTracker};
 use super::supervise::Faults;

@@ -2,6 +2,12 @@
 //! (size or wait), scoring through an [`ItemScorer`], and verdicts judged against the
 //! thresholds in force.
 //!
+//! Each configured model has its own decoded queue and scorer threads, so a batch holds
+//! one model's items only; the decode workers preprocess an item for the model its topic
+//! is routed to ([`Routes`]). Between batches a scorer takes up a hot swap or new
+//! thresholds ([`super::models::Worker::refresh`]); the [`super::decide::Decider`] that
+//! goes with its bundle turns scores into verdicts.
+//!
 //! [`ItemScorer`] is the seam between the pipeline and the model: preprocessed images and
 //! seeds in, item scores out. [`BundleScorer`] is the real one (encoder + LFDN on the
 //! configured device); the pipeline's tests use a stub, so offsets, retries, rebalances,
@@ -14,26 +20,26 @@
 //! with null fields is published.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
 use super::consumer::Work;
-use super::daemon::Counters;
+use super::counters::Counters;
+use super::decide::Outcome;
 use super::message::{ModelRef, VerdictRecord};
+use super::models::{Worker, IDLE_CHECK};
 use super::producer::Output;
-use super::thresholds::Thresholds;
 use super::window_stage::{group_value, WindowFeedItem};
 use crate::audit::window::GroupBy;
-use crate::config::{ModelConfig, PipelineConfig, Publish};
+use crate::config::{ModelConfig, PipelineConfig};
 use crate::data::{decode, Preprocess};
 use crate::eval::calibration::Calibration;
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
 use crate::model::score::{ItemScores, ScoreKind, ScoreSettings};
 use crate::telemetry::metrics::Metrics;
-use crate::verdict::judge;
 
 /// What the pipeline needs to know of the model, fixed for a run.
 #[derive(Debug, Clone)]
@@ -65,6 +71,14 @@ pub enum ModelLoadError {
         #[source]
         source: crate::model::score::ScoreError,
     },
+    #[error("{path}: self-test failed: {source}")]
+    SelfTest {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::model::self_test::SelfTestError,
+    },
+    #[error("{path}: the file changed while its copies were loading; try again once it is written")]
+    Changed { path: std::path::PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,9 +112,42 @@ pub struct BundleScorer {
 }
 
 impl BundleScorer {
-    /// Loads the bundle and its encoder and checks its scoring settings, so a bad bundle
-    /// fails at start instead of dead-lettering the stream.
+    /// Loads the bundle and its encoder, checks its scoring settings and runs its
+    /// self-test, so a bad bundle fails at start (or is refused by a swap) instead of
+    /// dead-lettering the stream or judging it wrongly.
     pub fn load(cfg: &ModelConfig) -> Result<Self, ModelLoadError> {
+        let mut scorer = Self::load_unchecked(cfg)?;
+        scorer.self_test(cfg)?;
+        Ok(scorer)
+    }
+
+    /// Scores the bundle's self-test items and compares them with its stored scores
+    /// ([`crate::model::self_test`]); a bundle without a self-test passes with a warning.
+    pub fn self_test(&mut self, cfg: &ModelConfig) -> Result<(), ModelLoadError> {
+        let path = cfg.bundle.clone();
+        let (Some(test), Some(images)) = (self.bundle.meta.self_test.clone(), self.bundle.self_test_images.as_ref())
+        else {
+            tracing::warn!(
+                bundle = %path.display(),
+                "the bundle has no self-test (fitted before dlsr kept one): it is served unchecked; refit to add one"
+            );
+            return Ok(());
+        };
+        let images = images.shallow_clone();
+        let fail = |source| ModelLoadError::SelfTest { path: path.clone(), source };
+        let scores = self
+            .score(&images, &test.seeds)
+            .map_err(|e| fail(crate::model::self_test::SelfTestError::Scoring(e.to_string())))?;
+        let device = crate::model::self_test::device_kind(self.bundle.device);
+        let passed = test
+            .check(&scores, &self.info.calibration, self.extractor.encoder.precision(), device)
+            .map_err(fail)?;
+        tracing::debug!(bundle = %path.display(), worst = passed.worst_units, "self-test passed");
+        Ok(())
+    }
+
+    /// [`Self::load`] without the self-test (the second and later worker copies).
+    pub fn load_unchecked(cfg: &ModelConfig) -> Result<Self, ModelLoadError> {
         let device = cfg.device.resolve()?;
         let precision = cfg.precision;
         let bundle = Bundle::load(&cfg.bundle, device)?;
@@ -198,26 +245,39 @@ pub use crate::data::chain::{default_decoder, Decoder, DECODER_PANIC};
 /// Decodes at least this large trim the allocator's free memory when they are done.
 const LARGE_DECODE_BYTES: u64 = 64 << 20;
 
-/// Decodes and preprocesses until the work channel closes; undecodable messages are
-/// dead-lettered with their error code.
+/// Where a decoded item goes: the model its topic is routed to, with that model's
+/// preprocessing and decoded queue. Index 0 is the default model.
+pub struct Routes {
+    pub models: Vec<Route>,
+    /// Topics routed to a model other than the default (`thresholds.topics.T.model`).
+    pub by_topic: std::collections::BTreeMap<String, usize>,
+}
+
+pub struct Route {
+    pub preprocess: Preprocess,
+    pub queue: SyncSender<Decoded>,
+}
+
+impl Routes {
+    pub fn for_topic(&self, topic: &str) -> &Route {
+        &self.models[self.by_topic.get(topic).copied().unwrap_or(0)]
+    }
+}
+
 /// What a decode worker turns bytes into tensors with.
 #[derive(Clone)]
 pub struct InputChain {
-    pub preprocess: Preprocess,
+    pub routes: Arc<Routes>,
     pub limits: crate::data::DecodeLimits,
     pub decoder: Decoder,
     /// Shared by the decode workers: bytes of images being decoded.
     pub budget: Arc<super::budget::DecodeBudget>,
 }
 
-pub fn decode_worker(
-    rx: Arc<Mutex<Receiver<Work>>>,
-    tx: SyncSender<Decoded>,
-    chain: InputChain,
-    output: Arc<Output>,
-    metrics: Arc<Metrics>,
-) {
-    let InputChain { preprocess: pre, limits, decoder, budget } = chain;
+/// Decodes and preprocesses until the work channel closes; undecodable messages are
+/// dead-lettered with their error code.
+pub fn decode_worker(rx: Arc<Mutex<Receiver<Work>>>, chain: InputChain, output: Arc<Output>, metrics: Arc<Metrics>) {
+    let InputChain { routes, limits, decoder, budget } = chain;
     loop {
         let work = match rx.lock() {
             Ok(r) => match r.recv() {
@@ -237,7 +297,8 @@ pub fn decode_worker(
         let header = std::panic::catch_unwind(|| decode::dimensions(bytes, &limits));
         let reservation =
             header.ok().and_then(Result::ok).map(|(w, h)| budget.reserve(decode::decode_bytes(w, h)));
-        let result = crate::data::chain::decode_to_tensor(&decoder, bytes, &limits, &pre);
+        let route = routes.for_topic(&work.record.source.topic);
+        let result = crate::data::chain::decode_to_tensor(&decoder, bytes, &limits, &route.preprocess);
         // After a large image, hand its freed pages back at once rather than at the next
         // 5-second trim, so the next large one does not stack on top of them.
         if reservation.as_ref().is_some_and(|r| r.bytes() >= LARGE_DECODE_BYTES) {
@@ -250,7 +311,7 @@ pub fn decode_worker(
         }
         match result {
             Ok((image, seed)) => {
-                if tx.send(Decoded { work, image, seed, decoded_at: Instant::now() }).is_err() {
+                if route.queue.send(Decoded { work, image, seed, decoded_at: Instant::now() }).is_err() {
                     return;
                 }
             }
@@ -274,10 +335,9 @@ impl DecodedQueue {
 
 /// Everything a scorer thread owns or shares.
 pub struct ScoringStage {
-    /// The model (this thread's own copy: libtorch state is not shared between scorers).
-    pub scorer: Box<dyn ItemScorer>,
-    /// Thresholds in force per topic, swapped whole on SIGHUP.
-    pub thresholds: Arc<RwLock<Thresholds>>,
+    /// The model: this thread's own copy of the bundle (libtorch state is not shared
+    /// between scorers), the decider that goes with it, and the slot a swap comes through.
+    pub worker: Worker,
     /// Where verdicts and dead letters go.
     pub output: Arc<Output>,
     /// Score histograms, verdict counts, batch sizes and timings.
@@ -286,8 +346,6 @@ pub struct ScoringStage {
     pub counters: Arc<Counters>,
     /// Batch size and wait.
     pub pipeline: PipelineConfig,
-    /// Which verdicts are published (flagged only, or all).
-    pub publish: Publish,
     /// The window auditor's feed (None: `audit.enabled = false`), and what its groups are.
     pub window_feed: Option<(SyncSender<WindowFeedItem>, GroupBy)>,
 }
@@ -303,12 +361,16 @@ impl ScoringStage {
     /// Several scorers share `queue`; each takes its batch under the lock.
     pub fn run(mut self, queue: &Mutex<DecodedQueue>) {
         loop {
+            self.take_up_swap();
             let batch = match queue.lock() {
-                Ok(mut q) => self.next_batch(&mut q),
+                Ok(mut q) => match self.next_batch(&mut q) {
+                    Some(batch) => batch,
+                    None => return,
+                },
                 Err(_) => return,
             };
             if batch.is_empty() {
-                return;
+                continue;
             }
             self.metrics.batch_size.observe(batch.len() as f64);
             let started = Instant::now();
@@ -328,17 +390,27 @@ impl ScoringStage {
         }
     }
 
-    /// The next batch (see [`Self::run`]); empty when the channel closed and nothing is
-    /// carried. Blocks on the channel only when nothing is carried, so a carried item
-    /// never waits for a new message.
-    fn next_batch(&self, queue: &mut DecodedQueue) -> Vec<Decoded> {
+    /// Between batches: a swapped bundle or new thresholds take effect here.
+    fn take_up_swap(&mut self) {
+        if let Some(old) = self.worker.refresh() {
+            let now = &self.worker.scorer.model().model_ref.sha256;
+            tracing::info!(model = %self.worker.slot.name, from = %old, to = %now, "scorer switched bundles");
+        }
+    }
+
+    /// The next batch (see [`Self::run`]); None when the channel closed and nothing is
+    /// carried, empty when nothing came within [`IDLE_CHECK`] (the loop then looks for a
+    /// swap, so an idle scorer lets go of a replaced bundle). Blocks on the channel only
+    /// when nothing is carried, so a carried item never waits for a new message.
+    fn next_batch(&self, queue: &mut DecodedQueue) -> Option<Vec<Decoded>> {
         let DecodedQueue { rx, carried } = queue;
         let wait = Duration::from_millis(self.pipeline.batch_max_wait_ms);
         let first = match carried.pop_front() {
             Some(d) => d,
-            None => match rx.recv() {
+            None => match rx.recv_timeout(IDLE_CHECK) {
                 Ok(d) => d,
-                Err(_) => return Vec::new(),
+                Err(RecvTimeoutError::Timeout) => return Some(Vec::new()),
+                Err(RecvTimeoutError::Disconnected) => return None,
             },
         };
         let mut batch = vec![first];
@@ -364,7 +436,7 @@ impl ScoringStage {
                 carried.push_front(d);
             }
         }
-        batch
+        Some(batch)
     }
 
     /// Scores `items`; a failing batch is split in halves down to single items, so one
@@ -374,7 +446,7 @@ impl ScoringStage {
         let seeds: Vec<u64> = items.iter().map(|d| d.seed).collect();
         let result = Tensor::f_stack(&images, 0)
             .map_err(ScoringError::Stack)
-            .and_then(|x| self.scorer.score(&x, &seeds))
+            .and_then(|x| self.worker.scorer.score(&x, &seeds))
             .and_then(|s| {
                 if s.len() == items.len() {
                     Ok(s)
@@ -398,29 +470,16 @@ impl ScoringStage {
 
     fn judge_and_publish(&self, work: Work, s: &ItemScores) {
         let m = &self.metrics;
-        let finite = [Some(s.mse), Some(s.mfsim), s.lr]
-            .into_iter()
-            .flatten()
-            .chain(s.layers.iter().flat_map(|l| [l.mse, l.cos]))
-            .all(f64::is_finite);
-        if !finite {
-            let why = format!("scores are not finite (mse {}, mfsim {}, lr {:?})", s.mse, s.mfsim, s.lr);
-            return self.output.dead_letter(work, "non_finite_score", &why);
-        }
         let topic = work.record.source.topic.clone();
-        let thr = match self.thresholds.read() {
-            Ok(t) => t.for_topic(&topic),
-            Err(_) => return self.output.dead_letter(work, "scoring_failed", "thresholds unavailable"),
-        };
+        let decider = &self.worker.decider;
         let id = work.id();
-        let info = self.scorer.model();
-        let verdict = match judge(&id, s, thr.kind, &info.calibration, Some(thr.value)) {
-            Ok(v) => v,
-            Err(e) => return self.output.dead_letter(work, "scoring_failed", &e.to_string()),
+        let (verdict, publish) = match decider.decide(&topic, &id, s) {
+            Outcome::Judged { verdict, publish } => (verdict, publish),
+            Outcome::DeadLetter { code, reason } => return self.output.dead_letter(work, code, &reason),
         };
         for kind in ScoreKind::ALL {
             if let Some(v) = s.get(kind) {
-                m.record_score(&topic, kind, v);
+                m.record_score(&topic, &decider.name, kind, v);
             }
         }
         for (l, layer) in s.layers.iter().enumerate() {
@@ -449,16 +508,17 @@ impl ScoringStage {
                 threshold: verdict.threshold,
                 flagged: verdict.is_ood,
                 layer_cos: s.layers.iter().map(|l| l.cos).collect(),
+                decider: decider.clone(),
             };
             // Bounded: an auditor that falls behind slows the scorer rather than growing
             // memory. A gone auditor (it panicked) is a fault its supervisor reports.
             let _ = feed.send(item);
         }
-        if !(verdict.is_ood || self.publish == Publish::All) {
+        if !publish {
             return self.output.done(work.ack());
         }
         let label = if verdict.is_ood { "ood" } else { "id" };
-        let record = VerdictRecord::new(&verdict, &work.record.source, &info.model_ref)
+        let record = VerdictRecord::new(&verdict, &work.record.source, &decider.model.model_ref)
             .with_input(work.resolved.uri.as_deref(), work.resolved.input.as_ref());
         match serde_json::to_vec(&record) {
             Ok(value) => self.output.verdict(work, value, label),

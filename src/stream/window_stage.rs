@@ -8,6 +8,10 @@
 //! not wait for them (a slow summary topic must not stall the verdicts). A record the
 //! broker refuses is counted (`dlsr_window_records_failed_total`) and logged.
 //!
+//! Models: each model has its own auditor, against its bundle's held-out sample. A hot
+//! swap gives the topics it scores a new reference: their open windows close as cut
+//! short (`closed_by: "model"`) and new ones start against the new bundle.
+//!
 //! Restarts and rebalances: windows live in memory. A partition taken away by a rebalance
 //! cuts short every open window holding its items (`closed_by: "revoked"`), a shutdown
 //! cuts short all of them (`"shutdown"`): such windows are judged on what they hold and
@@ -22,9 +26,10 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
 
+use super::decide::Decider;
 use super::headers::Header;
 use super::offsets::OffsetTracker;
-use crate::audit::window::{GroupBy, Item, WindowAuditor, WindowRecord};
+use crate::audit::window::{GroupBy, Item, Reference, WindowAuditor, WindowRecord, WindowSettings};
 use crate::model::score::ScoreKind;
 use crate::telemetry::metrics::Metrics;
 
@@ -49,6 +54,8 @@ pub struct WindowFeedItem {
     pub flagged: bool,
     /// Per-layer cosine between the features and their reconstruction.
     pub layer_cos: Vec<f64>,
+    /// The model that judged it (its name, bundle and held-out sample).
+    pub decider: Arc<Decider>,
 }
 
 impl WindowFeedItem {
@@ -116,9 +123,60 @@ impl ProducerContext for SummaryCtx {
     }
 }
 
+/// Builds a model's auditor from `[audit]` and the model's bundle.
+#[derive(Debug, Clone)]
+pub struct AuditorFactory {
+    pub settings: WindowSettings,
+    pub group_by: GroupBy,
+    pub allow_quantile_reference: bool,
+}
+
+impl AuditorFactory {
+    pub fn from_config(audit: &crate::config::AuditConfig) -> Result<Self, crate::config::ConfigError> {
+        Ok(Self {
+            settings: audit.settings()?,
+            group_by: audit.group_by()?,
+            allow_quantile_reference: audit.allow_quantile_reference,
+        })
+    }
+
+    /// An auditor against the held-out sample of every score kind the bundle calibrated;
+    /// a kind the model's thresholds use must have one (the error says why not). Warnings
+    /// (a reference from quantiles only) are logged.
+    pub fn build(&self, decider: &Decider) -> Result<WindowAuditor, String> {
+        let t = &decider.thresholds;
+        let in_use: Vec<ScoreKind> = std::iter::once(t.default.kind).chain(t.topics.values().map(|t| t.kind)).collect();
+        let calibration = &decider.model.calibration;
+        let mut references = Vec::new();
+        for &kind in calibration.scores.keys() {
+            match Reference::from_calibration(calibration, kind, self.allow_quantile_reference) {
+                Ok((reference, warning)) => {
+                    if let (Some(w), true) = (warning, in_use.contains(&kind)) {
+                        tracing::warn!(model = %decider.name, "window audit: {w}");
+                    }
+                    references.push(reference);
+                }
+                Err(e) if in_use.contains(&kind) => return Err(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        WindowAuditor::new(self.settings.clone(), self.group_by.clone(), references, WindowAuditor::run_now())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// One model's auditor and the bundle its reference came from.
+struct ModelAuditor {
+    model: String,
+    sha256: String,
+    auditor: WindowAuditor,
+}
+
 /// The auditor thread's state.
 pub struct WindowStage {
-    pub auditor: WindowAuditor,
+    factory: AuditorFactory,
+    /// One per model that has judged items (made from the first item's decider).
+    auditors: Vec<ModelAuditor>,
     /// The summary topic's producer and name (None: `audit.summary_topic = ""`).
     pub summary: Option<(BaseProducer<SummaryCtx>, String)>,
     pub metrics: Arc<Metrics>,
@@ -130,20 +188,70 @@ pub struct WindowStage {
 }
 
 impl WindowStage {
+    /// `deciders`: the models at start, whose auditors are built now so that a bundle
+    /// the audit cannot use stops the start.
     pub fn new(
-        auditor: WindowAuditor,
+        factory: AuditorFactory,
+        deciders: &[Arc<Decider>],
         summary: Option<(ClientConfig, String)>,
         metrics: Arc<Metrics>,
         tracker: Arc<Mutex<OffsetTracker>>,
-    ) -> Result<Self, rdkafka::error::KafkaError> {
+    ) -> Result<Self, String> {
+        let mut auditors = Vec::new();
+        for d in deciders {
+            let auditor = factory.build(d).map_err(|e| format!("model {}: {e}", d.name))?;
+            auditors.push(ModelAuditor {
+                model: d.name.clone(),
+                sha256: d.model.model_ref.sha256.clone(),
+                auditor,
+            });
+        }
         let summary = match summary {
             Some((config, topic)) => {
                 let ctx = SummaryCtx { metrics: metrics.clone(), logged: Mutex::new(None) };
-                Some((config.create_with_context::<_, BaseProducer<SummaryCtx>>(ctx)?, topic))
+                let producer = config
+                    .create_with_context::<_, BaseProducer<SummaryCtx>>(ctx)
+                    .map_err(|e| format!("summary producer: {e}"))?;
+                Some((producer, topic))
             }
             None => None,
         };
-        Ok(Self { auditor, summary, metrics, tracker, exported: BTreeSet::new(), failed_logged: None })
+        Ok(Self { factory, auditors, summary, metrics, tracker, exported: BTreeSet::new(), failed_logged: None })
+    }
+
+    /// The auditor of the item's model; after a swap its windows close (cut short,
+    /// `model`) and a new auditor starts against the new bundle.
+    fn observe(&mut self, item: &WindowFeedItem) {
+        let d = &item.decider;
+        let sha = &d.model.model_ref.sha256;
+        let at = match self.auditors.iter().position(|a| a.model == d.name) {
+            Some(i) if &self.auditors[i].sha256 == sha => i,
+            found => {
+                let auditor = match self.factory.build(d) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Checked before a swap serves, so only a bug gets here: say it once.
+                        tracing::error!(model = %d.name, "window audit: no auditor for the new bundle: {e}");
+                        return;
+                    }
+                };
+                let fresh = ModelAuditor { model: d.name.clone(), sha256: sha.clone(), auditor };
+                match found {
+                    Some(i) => {
+                        let mut old = std::mem::replace(&mut self.auditors[i], fresh);
+                        let closed = old.auditor.close_all("model");
+                        self.emit(closed);
+                        i
+                    }
+                    None => {
+                        self.auditors.push(fresh);
+                        self.auditors.len() - 1
+                    }
+                }
+            }
+        };
+        let closed = self.auditors[at].auditor.observe(&item.as_item());
+        self.emit(closed);
     }
 
     /// Audits until the feed closes (the scorers are done), then cuts the open windows
@@ -152,10 +260,7 @@ impl WindowStage {
         let mut last_tick = Instant::now();
         loop {
             match feed.recv_timeout(TICK) {
-                Ok(item) => {
-                    let closed = self.auditor.observe(&item.as_item());
-                    self.emit(closed);
-                }
+                Ok(item) => self.observe(&item),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -164,7 +269,7 @@ impl WindowStage {
                 self.tick();
             }
         }
-        let closed = self.auditor.close_all("shutdown");
+        let closed: Vec<WindowRecord> = self.auditors.iter_mut().flat_map(|a| a.auditor.close_all("shutdown")).collect();
         self.emit(closed);
         if let Some((producer, _)) = &self.summary {
             if let Err(e) = producer.flush(Duration::from_secs(1)) {
@@ -174,16 +279,24 @@ impl WindowStage {
     }
 
     fn tick(&mut self) {
-        let closed = self.auditor.close_due(Instant::now());
+        let now = Instant::now();
+        let closed: Vec<WindowRecord> = self.auditors.iter_mut().flat_map(|a| a.auditor.close_due(now)).collect();
         self.emit(closed);
         let assigned: BTreeSet<(String, i32)> =
             self.tracker.lock().map(|t| t.assigned().into_iter().collect()).unwrap_or_default();
-        let closed = self.auditor.cut_partitions(|topic, p| assigned.contains(&(topic.to_string(), p)));
+        let closed: Vec<WindowRecord> = self
+            .auditors
+            .iter_mut()
+            .flat_map(|a| a.auditor.cut_partitions(|topic, p| assigned.contains(&(topic.to_string(), p))))
+            .collect();
         self.emit(closed);
         // The detector's alarm state per group; groups dropped as idle leave the metrics.
-        let tracked: BTreeSet<(String, String)> = self.auditor.tracked().into_iter().collect();
-        for (topic, group) in &tracked {
-            self.metrics.set_drift_detected(topic, group, self.auditor.in_alarm(topic, group));
+        let mut tracked: BTreeSet<(String, String)> = BTreeSet::new();
+        for a in &self.auditors {
+            for (topic, group) in a.auditor.tracked() {
+                self.metrics.set_drift_detected(&topic, &group, a.auditor.in_alarm(&topic, &group));
+                tracked.insert((topic, group));
+            }
         }
         for (topic, group) in self.exported.difference(&tracked) {
             self.metrics.remove_window_group(topic, group);

@@ -1,8 +1,9 @@
 //! The daemon's Prometheus metrics, all under `dlsr_`, with bounded labels: topic,
-//! partition, score kind, verdict, error code, layer index. Never an item id or an
-//! error message. The score histogram's buckets are built from the bundle's ID
-//! quantiles and include every configured threshold as an edge, so
-//! `rate(dlsr_score_bucket{le="<threshold>"})` is exactly the ID-accepted rate.
+//! partition, score kind, verdict, error code, layer index, configured model name.
+//! Never an item id or an error message. The score histogram's buckets are built from
+//! the bundles' ID quantiles and include every threshold in force as an edge, so
+//! `rate(dlsr_score_bucket{le="<threshold>"})` is exactly the ID-accepted rate; the
+//! daemon rebuilds them when a reload changes a threshold or a bundle.
 
 use crate::model::score::ScoreKind;
 use prometheus::{
@@ -16,7 +17,8 @@ pub struct Metrics {
     pub verdicts: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub delivery_errors: IntCounterVec,
-    pub score: HistogramVec,
+    /// Rebuilt (new bucket edges) on reloads; see [`Metrics::set_score_buckets`].
+    score: std::sync::RwLock<HistogramVec>,
     pub layer_cosine: HistogramVec,
     pub batch_size: Histogram,
     pub decode_seconds: Histogram,
@@ -33,6 +35,10 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    pub model_reloads: IntCounterVec,
+    pub model_reload_failing: IntGaugeVec,
+    /// The `dlsr_model_info` labels in force per model (replaced on a swap).
+    model_info_labels: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     pub broker_up: IntGauge,
     pub output_blocked: IntGaugeVec,
     pub retry_queue: IntGauge,
@@ -148,13 +154,7 @@ impl Metrics {
                  (retried: transient ones with backoff, permanent ones block the output).",
                 &["topic", "code"],
             ),
-            score: histogram(
-                &r,
-                "dlsr_score",
-                "Scores by input topic and score kind; bucket edges at the ID quantiles and thresholds.",
-                &["topic", "kind"],
-                score_buckets,
-            ),
+            score: std::sync::RwLock::new(score_histogram(&r, score_buckets)),
             layer_cosine: histogram(
                 &r,
                 "dlsr_layer_cosine",
@@ -234,14 +234,14 @@ impl Metrics {
             id_score_quantile: gauge_vec(
                 &r,
                 "dlsr_id_score_quantile",
-                "Quantiles of the bundle's held-out ID scores, per score kind.",
-                &["kind", "quantile"],
+                "Quantiles of the bundle's held-out ID scores, per model and score kind.",
+                &["model", "kind", "quantile"],
             ),
             model_info: int_gauge_vec(
                 &r,
                 "dlsr_model_info",
-                "The bundle being served (value 1).",
-                &["bundle", "sha256", "encoder", "input_size"],
+                "The bundle each configured model serves (value 1); the series changes with a swap.",
+                &["model", "bundle", "sha256", "encoder", "input_size"],
             ),
             build_info: int_gauge_vec(&r, "dlsr_build_info", "dlsr build (value 1).", &["version"]),
             config_reloads: counter(
@@ -250,6 +250,21 @@ impl Metrics {
                 "SIGHUP reloads, by result (ok or rejected).",
                 &["result"],
             ),
+            model_reloads: counter(
+                &r,
+                "dlsr_model_reloads_total",
+                "Bundle reloads (SIGHUP or model.watch) per model, by result: swapped, or rejected \
+                 (the file failed a check; the old bundle keeps scoring).",
+                &["model", "result"],
+            ),
+            model_reload_failing: int_gauge_vec(
+                &r,
+                "dlsr_model_reload_failing",
+                "1 while the newest reload of a model's bundle was rejected (the file on disk is not \
+                 what scores); 0 once a reload succeeds.",
+                &["model"],
+            ),
+            model_info_labels: Default::default(),
             broker_up: int_gauge(&r, "dlsr_broker_up", "1 while the brokers answer."),
             output_blocked: int_gauge_vec(
                 &r,
@@ -483,8 +498,18 @@ impl Metrics {
         self.skipped_offsets.with_label_values(&[topic, code]).inc_by(count);
     }
 
-    pub fn record_score(&self, topic: &str, kind: ScoreKind, value: f64) {
-        self.score.with_label_values(&[topic, kind.name()]).observe(value);
+    pub fn record_score(&self, topic: &str, model: &str, kind: ScoreKind, value: f64) {
+        let score = self.score.read().unwrap_or_else(|p| p.into_inner());
+        score.with_label_values(&[topic, kind.name(), model]).observe(value);
+    }
+
+    /// New score bucket edges (thresholds or bundles changed): the histogram is replaced,
+    /// its counts start again (Prometheus reads the drop as a counter reset), and
+    /// `rate(dlsr_score_bucket{le="<threshold>"})` holds again for the new thresholds.
+    pub fn set_score_buckets(&self, edges: Vec<f64>) {
+        let mut score = self.score.write().unwrap_or_else(|p| p.into_inner());
+        let _ = self.registry.unregister(Box::new(score.clone()));
+        *score = score_histogram(&self.registry, edges);
     }
 
     pub fn record_layer_cosine(&self, layer: usize, cosine: f64) {
@@ -503,8 +528,16 @@ impl Metrics {
         let _ = self.consumer_lag.remove_label_values(&[topic, partition.to_string().as_str()]);
     }
 
-    /// `id_fpr`: the expected ID false-positive rate and its 95% interval.
+    /// `id_fpr`: the expected ID false-positive rate and its 95% interval. The topic's
+    /// series of other score kinds are removed (a reload may change its kind).
     pub fn set_threshold(&self, topic: &str, kind: ScoreKind, value: f64, id_fpr: Option<(f64, (f64, f64))>) {
+        for other in ScoreKind::ALL {
+            let _ = self.threshold.remove_label_values(&[topic, other.name()]);
+            let _ = self.threshold_id_fpr.remove_label_values(&[topic, other.name()]);
+            for bound in ["lower", "upper"] {
+                let _ = self.threshold_id_fpr_bound.remove_label_values(&[topic, other.name(), bound]);
+            }
+        }
         self.threshold.with_label_values(&[topic, kind.name()]).set(value);
         if let Some((fpr, (lower, upper))) = id_fpr {
             self.threshold_id_fpr.with_label_values(&[topic, kind.name()]).set(fpr);
@@ -519,13 +552,38 @@ impl Metrics {
         self.threshold_id_fpr_bound.reset();
     }
 
-    pub fn set_id_quantile(&self, kind: ScoreKind, quantile: &str, value: f64) {
-        self.id_score_quantile.with_label_values(&[kind.name(), quantile]).set(value);
+    pub fn set_id_quantile(&self, model: &str, kind: ScoreKind, quantile: &str, value: f64) {
+        self.id_score_quantile.with_label_values(&[model, kind.name(), quantile]).set(value);
     }
 
-    pub fn set_model_info(&self, bundle: &str, sha256: &str, encoder: &str, input_size: i64) {
+    /// Removes a model's ID quantile series (before a swapped bundle sets its own).
+    pub fn clear_id_quantiles(&self, model: &str) {
+        for kind in ScoreKind::ALL {
+            for q in ["0.5", "0.95", "0.99"] {
+                let _ = self.id_score_quantile.remove_label_values(&[model, kind.name(), q]);
+            }
+        }
+    }
+
+    /// The bundle `model` serves now; its previous series (another sha256) goes.
+    pub fn set_model_info(&self, model: &str, bundle: &str, sha256: &str, encoder: &str, input_size: i64) {
         self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        self.model_info.with_label_values(&[bundle, sha256, encoder, input_size.to_string().as_str()]).set(1);
+        let labels: Vec<String> =
+            [model, bundle, sha256, encoder, input_size.to_string().as_str()].map(String::from).to_vec();
+        let mut held = self.model_info_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = held.insert(model.to_string(), labels.clone()) {
+            let old: Vec<&str> = old.iter().map(String::as_str).collect();
+            let _ = self.model_info.remove_label_values(&old);
+        }
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.model_info.with_label_values(&labels).set(1);
+    }
+
+    /// A bundle reload of `model`: swapped (`ok`) or rejected.
+    pub fn record_model_reload(&self, model: &str, ok: bool) {
+        let result = if ok { "swapped" } else { "rejected" };
+        self.model_reloads.with_label_values(&[model, result]).inc();
+        self.model_reload_failing.with_label_values(&[model]).set(i64::from(!ok));
     }
 
     /// `ok` or `rejected`.
@@ -539,6 +597,16 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+fn score_histogram(r: &Registry, buckets: Vec<f64>) -> HistogramVec {
+    histogram(
+        r,
+        "dlsr_score",
+        "Scores by input topic, score kind and model; bucket edges at the ID quantiles and thresholds.",
+        &["topic", "kind", "model"],
+        buckets,
+    )
 }
 
 /// Bucket edges for the score histogram: per score kind, ID quantiles from 1% to the
