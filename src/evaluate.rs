@@ -267,25 +267,35 @@ fn threshold_in_use(
     choice: ThresholdChoice,
     id: &Scored,
 ) -> Result<ThresholdInUse, String> {
-    let score = choice.score.unwrap_or(bundle.meta.default_score);
+    let meta = &bundle.meta;
+    let spec =
+        crate::config::ThresholdSpec { score_kind: choice.score, value: choice.value, ..Default::default() };
+    let score = choice.score.unwrap_or(meta.default_score);
+    // The calibrated MFsim threshold holds for the layers it was calibrated on only.
+    if choice.value.is_none()
+        && score == ScoreKind::Mfsim
+        && settings.mfsim_layers != meta.scoring.mfsim_layers
+    {
+        return Err(format!(
+            "the calibrated MFsim threshold is for layers {}, not {}; pass --threshold or recalibrate",
+            layer_set_name(&meta.scoring.layers_in_use(meta.offsets.layers())),
+            layer_set_name(&settings.layers_in_use(meta.offsets.layers()))
+        ));
+    }
+    let resolved = crate::stream::decide::resolve_threshold(
+        &spec,
+        &meta.calibration,
+        meta.default_score,
+        meta.has_first_epoch,
+    )
+    .map_err(|e| e.to_string())?;
     let Some(id_scores) = id.scores.get(&score) else {
         return Err(format!("the bundle has no {score} score"));
     };
-    let (threshold, source, target_fpr) = match choice.value {
-        Some(t) => (t, "given", None),
-        None => {
-            if score == ScoreKind::Mfsim && settings.mfsim_layers != bundle.meta.scoring.mfsim_layers {
-                return Err(format!(
-                    "the calibrated MFsim threshold is for layers {}, not {}; pass --threshold or recalibrate",
-                    layer_set_name(&bundle.meta.scoring.layers_in_use(bundle.meta.offsets.layers())),
-                    layer_set_name(&settings.layers_in_use(bundle.meta.offsets.layers()))
-                ));
-            }
-            let Some(c) = bundle.meta.calibration.scores.get(&score) else {
-                return Err(format!("the bundle has no calibrated {score} threshold"));
-            };
-            (c.threshold, "calibrated", Some(bundle.meta.calibration.target_fpr))
-        }
+    let threshold = resolved.value;
+    let (source, target_fpr) = match choice.value {
+        Some(_) => ("given", None),
+        None => ("calibrated", Some(meta.calibration.target_fpr)),
     };
     Ok(ThresholdInUse { score, threshold, source, id_flagged: share_above(id_scores, threshold), target_fpr })
 }

@@ -239,14 +239,18 @@ fn self_test_items(
             continue;
         };
         let Ok(image) = crate::data::source::decode_item(&item, limits) else { continue };
-        let Ok((tensor, seed)) = crate::data::chain::to_tensor(&image, &extractor.preprocess) else { continue };
+        let Ok((tensor, seed)) = crate::data::chain::to_tensor(&image, &extractor.preprocess) else {
+            continue;
+        };
         if seed == seeds[i] {
             images.push(tensor);
             chosen.push((ids[i].clone(), seed));
         }
     }
     if images.is_empty() {
-        tracing::warn!("no held-out item could be read again for the bundle's self-test; the bundle has none");
+        tracing::warn!(
+            "no held-out item could be read again for the bundle's self-test; the bundle has none"
+        );
         return Ok(None);
     }
     let images = Tensor::f_stack(&images, 0)?.f_to_device(Device::Cpu)?;

@@ -243,16 +243,7 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
     let interrupted = crate::shutdown::interrupt_flag();
     let (bundle, extractor) = args.bundle.load()?;
     let meta = bundle.meta.clone();
-    let kind = args.judging.kind(&meta)?;
-    let calibration = meta.calibration.scores.get(&kind);
-    let threshold = match (args.judging.threshold, calibration) {
-        (Some(t), _) if t.is_finite() => t,
-        (Some(t), _) => bail!("--threshold {t} is not a finite number"),
-        (None, Some(c)) => c.threshold,
-        (None, None) => {
-            bail!("the bundle has no calibrated {kind} threshold: run `dlsr calibrate` or pass --threshold")
-        }
-    };
+    let crate::stream::decide::Threshold { kind, value: threshold } = args.judging.threshold(&meta)?;
     let expected_rate = audit::expected_rate(&meta.calibration, kind, threshold);
     let settings = AuditSettings {
         top: args.top,
@@ -320,7 +311,7 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     let empty = Vec::new();
-    let quantiles = calibration.map(|c| &c.quantiles).unwrap_or(&empty);
+    let quantiles = meta.calibration.scores.get(&kind).map(|c| &c.quantiles).unwrap_or(&empty);
     let channels: Vec<i64> = (0..meta.offsets.layers())
         .map(|l| {
             let (a, b) = meta.offsets.range(l);

@@ -19,6 +19,7 @@ use crate::model::features::FeatureExtractor;
 use crate::model::lfdn::Preset;
 use crate::model::score::{score_all, ScoreKind, ScoreSettings};
 use crate::model::train::TrainConfig;
+use crate::stream::decide::{resolve_threshold, Threshold};
 use crate::verdict::judge;
 
 #[derive(Debug, Args)]
@@ -297,20 +298,23 @@ pub struct JudgingArgs {
 }
 
 impl JudgingArgs {
-    /// The score that decides verdicts, checked against what the bundle holds.
-    pub fn kind(&self, meta: &crate::model::bundle::BundleMeta) -> anyhow::Result<ScoreKind> {
-        let kind = self.score_kind.unwrap_or(meta.default_score);
-        if kind == ScoreKind::Lr && !meta.has_first_epoch {
-            bail!("the bundle has no first-epoch weights, so no LR score");
-        }
-        Ok(kind)
+    /// The score and threshold that decide verdicts, resolved against what the bundle
+    /// holds as the daemon resolves its configuration ([`crate::stream::decide`]).
+    pub fn threshold(&self, meta: &crate::model::bundle::BundleMeta) -> anyhow::Result<Threshold> {
+        let spec = crate::config::ThresholdSpec {
+            score_kind: self.score_kind,
+            value: self.threshold,
+            ..Default::default()
+        };
+        resolve_threshold(&spec, &meta.calibration, meta.default_score, meta.has_first_epoch)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 
 pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
     // Loaded once here to check the bundle and the score before any work starts.
     let (bundle, extractor) = args.bundle.load()?;
-    let kind = args.judging.kind(&bundle.meta)?;
+    let Threshold { kind, value: threshold } = args.judging.threshold(&bundle.meta)?;
     let (workers, threads_each) = crate::device::scoring_workers(args.judging.workers, bundle.device);
     let pre = extractor.preprocess;
     let models = WorkerModels::new(&args.bundle, (bundle, extractor));
@@ -331,7 +335,7 @@ pub fn run_score(args: &ScoreArgs, quiet: bool) -> anyhow::Result<()> {
             let features = extractor.extract(images)?;
             let scores = bundle.scorer(&bundle.meta.scoring).score(&features.values, &b.seeds)?;
             for (id, s) in b.ids.iter().zip(&scores) {
-                let v = judge(id, s, kind, &bundle.meta.calibration, args.judging.threshold)?;
+                let v = judge(id, s, kind, &bundle.meta.calibration, Some(threshold))?;
                 flagged += usize::from(v.is_ood);
                 lines.push(serde_json::to_string(&v)?);
             }
@@ -447,9 +451,6 @@ pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
         settings.mfsim_layers = Some(layers.clone());
     }
     let choice = crate::evaluate::ThresholdChoice { score: args.score_kind, value: args.threshold };
-    if choice.score == Some(ScoreKind::Lr) && !bundle.meta.has_first_epoch {
-        bail!("the bundle has no first-epoch weights, so no LR score");
-    }
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
     let cache = (!args.no_cache).then(cache_dir);
     let report = crate::evaluate::evaluate(

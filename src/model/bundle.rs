@@ -205,7 +205,10 @@ impl Bundle {
         let self_test_images = match &meta.self_test {
             Some(test) => {
                 let images = stored.get(super::self_test::IMAGES_TENSOR).ok_or_else(|| {
-                    damaged(format!("the self-test's images ({}) are missing", super::self_test::IMAGES_TENSOR))
+                    damaged(format!(
+                        "the self-test's images ({}) are missing",
+                        super::self_test::IMAGES_TENSOR
+                    ))
                 })?;
                 let size = images.size();
                 let want = [test.ids.len() as i64, 3, meta.preprocess.size, meta.preprocess.size];

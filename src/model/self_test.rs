@@ -112,7 +112,11 @@ impl SelfTest {
         device_kind: &str,
     ) -> Result<Passed, SelfTestError> {
         if got.len() != self.scores.len() {
-            return Err(SelfTestError::Scoring(format!("{} scores for {} items", got.len(), self.scores.len())));
+            return Err(SelfTestError::Scoring(format!(
+                "{} scores for {} items",
+                got.len(),
+                self.scores.len()
+            )));
         }
         let units = if precision == self.precision && device_kind == self.device {
             SAME_SETUP_TOLERANCE
@@ -122,7 +126,9 @@ impl SelfTest {
         let mut worst: f64 = 0.0;
         for ((id, stored), now) in self.ids.iter().zip(&self.scores).zip(got) {
             for kind in ScoreKind::ALL {
-                let (Some(stored), Some(sd)) = (stored.get(kind), spread(calibration, kind)) else { continue };
+                let (Some(stored), Some(sd)) = (stored.get(kind), spread(calibration, kind)) else {
+                    continue;
+                };
                 let value = now.get(kind).unwrap_or(f64::NAN);
                 let diff = (value - stored).abs() / sd;
                 // A NaN score fails too.
@@ -191,7 +197,10 @@ mod tests {
         // 0.2 sd: fails on the fit's setup, passes on another device.
         let moved = [item(1.0), item(2.2)];
         let err = test.check(&moved, &cal, Precision::F32, "cpu").unwrap_err();
-        assert!(matches!(&err, SelfTestError::Mismatch { id, kind: ScoreKind::Mfsim, .. } if id == "b"), "{err}");
+        assert!(
+            matches!(&err, SelfTestError::Mismatch { id, kind: ScoreKind::Mfsim, .. } if id == "b"),
+            "{err}"
+        );
         assert!(err.to_string().contains("stored 2.000000"), "{err}");
         assert!(test.check(&moved, &cal, Precision::F32, "cuda").is_ok());
         assert!(test.check(&[item(1.0), item(f64::NAN)], &cal, Precision::F32, "cuda").is_err());

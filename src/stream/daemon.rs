@@ -36,12 +36,12 @@ use rdkafka::producer::{Producer, PurgeConfig};
 
 use super::budget::DecodeBudget;
 use super::consumer::{ConsumerCtx, ConsumerStage, Work};
+use super::decide::Decider;
 use super::kafka::{consumer_config, producer_config};
+use super::models::{ModelSlot, Worker};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
 use super::resolve::{FetchHealth, ResolveStage};
-use super::decide::Decider;
-use super::models::{ModelSlot, Worker};
 use super::scorer::{
     decode_worker, default_decoder, Decoded, DecodedQueue, Decoder, InputChain, ItemScorer, Route, Routes,
     ScoringStage,
@@ -135,9 +135,10 @@ pub fn run(
     for (name, model) in cfg.all_models() {
         let device = model.device.resolve().map_err(super::scorer::ModelLoadError::from)?;
         let (workers, _) = crate::device::scoring_workers(cfg.pipeline.scorer_workers, device);
-        let (scorers, _) = super::models::load_checked(&cfg, name, model, workers, None).map_err(|reason| {
-            DaemonError::ModelRejected { model: name.to_string(), reason: Box::new(reason) }
-        })?;
+        let (scorers, _) =
+            super::models::load_checked(&cfg, name, model, workers, None).map_err(|reason| {
+                DaemonError::ModelRejected { model: name.to_string(), reason: Box::new(reason) }
+            })?;
         models.push(ServedModel { name: name.to_string(), scorers });
     }
     run_with_models(cfg, config_path, control, metrics, models, default_decoder())
@@ -253,7 +254,8 @@ pub fn run_with_models(
 /// Every configured model's scorers, in the configuration's order (the default first),
 /// and their deciders; a configured model without scorers is an error.
 fn deciders_of(cfg: &Config, models: Vec<ServedModel>) -> Result<Vec<(ServedModel, Decider)>, DaemonError> {
-    let mut by_name: BTreeMap<String, ServedModel> = models.into_iter().map(|m| (m.name.clone(), m)).collect();
+    let mut by_name: BTreeMap<String, ServedModel> =
+        models.into_iter().map(|m| (m.name.clone(), m)).collect();
     let mut out = Vec::new();
     for (name, _) in cfg.all_models() {
         let served = by_name.remove(name).filter(|m| !m.scorers.is_empty()).ok_or(DaemonError::NoScorer)?;
@@ -336,8 +338,12 @@ impl Daemon {
         })?;
         metrics.broker_up.set(1);
         let watch_stop = Arc::new(AtomicBool::new(false));
-        let inputs =
-            cfg.kafka.input_topics.iter().filter_map(|t| super::topic_watch::InputSpec::parse(t).ok()).collect();
+        let inputs = cfg
+            .kafka
+            .input_topics
+            .iter()
+            .filter_map(|t| super::topic_watch::InputSpec::parse(t).ok())
+            .collect();
         let watcher = super::topic_watch::spawn(
             super::kafka::connection_config(&cfg.kafka)?,
             inputs,
@@ -600,7 +606,18 @@ impl Daemon {
     /// output, commits what was acknowledged, and joins what finishes in time.
     fn shutdown(self) -> Result<Summary, DaemonError> {
         let Daemon {
-            cfg, mut consumer, pipeline, output, health, faults, counters, mut summary, http, watcher, reloading, ..
+            cfg,
+            mut consumer,
+            pipeline,
+            output,
+            health,
+            faults,
+            counters,
+            mut summary,
+            http,
+            watcher,
+            reloading,
+            ..
         } = self;
         // A reload still loading is not waited for; what it would swap in is dropped.
         drop(reloading);
@@ -720,7 +737,8 @@ impl Daemon {
                 }
             },
         };
-        let slots: Vec<(Arc<ModelSlot>, usize)> = self.models.iter().map(|m| (m.slot.clone(), m.workers)).collect();
+        let slots: Vec<(Arc<ModelSlot>, usize)> =
+            self.models.iter().map(|m| (m.slot.clone(), m.workers)).collect();
         let metrics = self.metrics.clone();
         let spawned = std::thread::Builder::new()
             .name("dlsr-reload".into())
@@ -786,7 +804,12 @@ const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// Returns whether `cfg`'s thresholds are now in force: a threshold that does not
 /// resolve against the bundle it would judge for rejects the whole configuration (the
 /// old thresholds stay; bundle swaps still happen, with the old thresholds' keys).
-fn reload_models(cfg: &Config, slots: &[(Arc<ModelSlot>, usize)], metrics: &Metrics, cause: ReloadCause) -> bool {
+fn reload_models(
+    cfg: &Config,
+    slots: &[(Arc<ModelSlot>, usize)],
+    metrics: &Metrics,
+    cause: ReloadCause,
+) -> bool {
     use super::models::ReloadOutcome;
     let mut config_ok = true;
     for (slot, workers) in slots {
@@ -834,7 +857,8 @@ fn reload_models(cfg: &Config, slots: &[(Arc<ModelSlot>, usize)], metrics: &Metr
     if cause == ReloadCause::Signal {
         metrics.record_reload(config_ok);
         if config_ok {
-            let described: Vec<String> = deciders.iter().map(|d| d.describe()).filter(|t| !t.is_empty()).collect();
+            let described: Vec<String> =
+                deciders.iter().map(|d| d.describe()).filter(|t| !t.is_empty()).collect();
             tracing::info!(thresholds = %described.join("; "), "SIGHUP: configuration reloaded");
         }
     }
@@ -874,7 +898,8 @@ fn start_pipeline(
     let mut queues = Vec::new();
     for stages in &per_model {
         let (tx, rx) = mpsc::sync_channel::<Decoded>(p.batch_max_size * 2);
-        let preprocess = stages.first().map(|s| s.worker.scorer.model().preprocess).ok_or(DaemonError::NoScorer)?;
+        let preprocess =
+            stages.first().map(|s| s.worker.scorer.model().preprocess).ok_or(DaemonError::NoScorer)?;
         routes.push(Route { preprocess, queue: tx });
         queues.push(Arc::new(Mutex::new(DecodedQueue::new(rx))));
     }
@@ -894,7 +919,8 @@ fn start_pipeline(
     for i in 0..p.decode_workers {
         let (rx, out, m) = (work_rx.clone(), output.clone(), metrics.clone());
         let chain = chain.clone();
-        let spawned = supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || decode_worker(rx, chain, out, m));
+        let spawned =
+            supervise::spawn(&format!("dlsr-decode-{i}"), faults, move || decode_worker(rx, chain, out, m));
         threads.push(spawned.map_err(DaemonError::Thread)?);
     }
     // The queues close when the decode workers (the routes' only senders) end.
@@ -940,8 +966,9 @@ fn window_stage(
         "" => None,
         topic => Some((super::kafka::producer_config(&cfg.kafka)?, topic.to_string())),
     };
-    let stage = super::window_stage::WindowStage::new(factory, deciders, summary, metrics.clone(), tracker.clone())
-        .map_err(DaemonError::Audit)?;
+    let stage =
+        super::window_stage::WindowStage::new(factory, deciders, summary, metrics.clone(), tracker.clone())
+            .map_err(DaemonError::Audit)?;
     Ok(Some((stage, group_by)))
 }
 

@@ -159,7 +159,8 @@ impl Decider {
             .cloned()
             .collect();
         // Every routed topic's threshold, also those only a pattern subscription names.
-        let routed = cfg.thresholds.topics.keys().map(String::as_str).filter(|t| cfg.model_for_topic(t) == name);
+        let routed =
+            cfg.thresholds.topics.keys().map(String::as_str).filter(|t| cfg.model_for_topic(t) == name);
         let thresholds = Thresholds::resolve_topics(
             &cfg.thresholds,
             routed,
@@ -178,8 +179,10 @@ impl Decider {
             .chain(scores.layers.iter().flat_map(|l| [l.mse, l.cos]))
             .all(f64::is_finite);
         if !finite {
-            let reason =
-                format!("scores are not finite (mse {}, mfsim {}, lr {:?})", scores.mse, scores.mfsim, scores.lr);
+            let reason = format!(
+                "scores are not finite (mse {}, mfsim {}, lr {:?})",
+                scores.mse, scores.mfsim, scores.lr
+            );
             return Outcome::DeadLetter { code: "non_finite_score", reason };
         }
         let thr = self.thresholds.for_topic(topic);
@@ -219,7 +222,8 @@ impl Decider {
             .iter()
             .map(|topic| {
                 let thr = self.thresholds.for_topic(topic);
-                let rate = self.id_rate(thr).map_or(String::new(), |r| format!(" (ID rate {:.2}%)", r * 100.0));
+                let rate =
+                    self.id_rate(thr).map_or(String::new(), |r| format!(" (ID rate {:.2}%)", r * 100.0));
                 format!("{topic}: {} > {}{rate}", thr.kind, thr.value)
             })
             .collect::<Vec<_>>()
@@ -328,7 +332,10 @@ mod tests {
         cfg.kafka.input_topics = vec!["a".into(), "b".into()];
         cfg.kafka.publish = Publish::Flagged;
         cfg.models.insert("other".into(), Default::default());
-        cfg.thresholds.topics.insert("b".into(), ThresholdSpec { model: Some("other".into()), value: Some(10.0), ..Default::default() });
+        cfg.thresholds.topics.insert(
+            "b".into(),
+            ThresholdSpec { model: Some("other".into()), value: Some(10.0), ..Default::default() },
+        );
         let default = Decider::resolve(&cfg, "default", model(calibration())).unwrap();
         let other = Decider::resolve(&cfg, "other", model(calibration())).unwrap();
         assert_eq!(default.topics, ["a"]);

@@ -68,16 +68,22 @@ impl ModelSlot {
     pub fn set_decider(&self, decider: Decider) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let waiting = std::mem::take(&mut *current.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-        *current =
-            Arc::new(Generation { number: current.number + 1, decider: Arc::new(decider), waiting: Mutex::new(waiting) });
+        *current = Arc::new(Generation {
+            number: current.number + 1,
+            decider: Arc::new(decider),
+            waiting: Mutex::new(waiting),
+        });
     }
 
     /// A new bundle: one scorer per worker, and its decider. Scorers of an earlier swap
     /// that no worker took yet are dropped.
     pub fn swap(&self, scorers: Vec<Box<dyn ItemScorer>>, decider: Decider) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        *current =
-            Arc::new(Generation { number: current.number + 1, decider: Arc::new(decider), waiting: Mutex::new(scorers) });
+        *current = Arc::new(Generation {
+            number: current.number + 1,
+            decider: Arc::new(decider),
+            waiting: Mutex::new(scorers),
+        });
     }
 }
 
@@ -192,7 +198,10 @@ pub enum ReloadOutcome {
 /// loading are caught and reported as a rejection.
 pub fn reload(cfg: &Config, slot: &ModelSlot, workers: usize) -> ReloadOutcome {
     let Some((name, model)) = cfg.all_models().into_iter().find(|(n, _)| *n == slot.name) else {
-        return ReloadOutcome::Rejected { sha256: None, reason: format!("model {} is not configured", slot.name) };
+        return ReloadOutcome::Rejected {
+            sha256: None,
+            reason: format!("model {} is not configured", slot.name),
+        };
     };
     let running = slot.decider();
     let on_disk = match file_sha256(&model.bundle) {
@@ -256,7 +265,8 @@ mod tests {
                 items: 100,
                 source: "t".into(),
                 precision: Default::default(),
-                scores: [(ScoreKind::Mfsim, crate::calibration::calibrate_scores(&scores, 0.05).unwrap())].into(),
+                scores: [(ScoreKind::Mfsim, crate::calibration::calibrate_scores(&scores, 0.05).unwrap())]
+                    .into(),
                 layer_cos: Vec::new(),
             },
             default_score: ScoreKind::Mfsim,

@@ -125,7 +125,8 @@ impl BundleScorer {
     /// ([`crate::model::self_test`]); a bundle without a self-test passes with a warning.
     pub fn self_test(&mut self, cfg: &ModelConfig) -> Result<(), ModelLoadError> {
         let path = cfg.bundle.clone();
-        let (Some(test), Some(images)) = (self.bundle.meta.self_test.clone(), self.bundle.self_test_images.as_ref())
+        let (Some(test), Some(images)) =
+            (self.bundle.meta.self_test.clone(), self.bundle.self_test_images.as_ref())
         else {
             tracing::warn!(
                 bundle = %path.display(),
@@ -276,7 +277,12 @@ pub struct InputChain {
 
 /// Decodes and preprocesses until the work channel closes; undecodable messages are
 /// dead-lettered with their error code.
-pub fn decode_worker(rx: Arc<Mutex<Receiver<Work>>>, chain: InputChain, output: Arc<Output>, metrics: Arc<Metrics>) {
+pub fn decode_worker(
+    rx: Arc<Mutex<Receiver<Work>>>,
+    chain: InputChain,
+    output: Arc<Output>,
+    metrics: Arc<Metrics>,
+) {
     let InputChain { routes, limits, decoder, budget } = chain;
     loop {
         let work = match rx.lock() {
@@ -361,7 +367,6 @@ impl ScoringStage {
     /// Several scorers share `queue`; each takes its batch under the lock.
     pub fn run(mut self, queue: &Mutex<DecodedQueue>) {
         loop {
-            self.take_up_swap();
             let batch = match queue.lock() {
                 Ok(mut q) => match self.next_batch(&mut q) {
                     Some(batch) => batch,
@@ -369,6 +374,9 @@ impl ScoringStage {
                 },
                 Err(_) => return,
             };
+            // After the wait for items, before scoring them: a swap published while this
+            // scorer waited applies to the batch it got.
+            self.take_up_swap();
             if batch.is_empty() {
                 continue;
             }

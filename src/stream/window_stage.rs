@@ -145,7 +145,8 @@ impl AuditorFactory {
     /// (a reference from quantiles only) are logged.
     pub fn build(&self, decider: &Decider) -> Result<WindowAuditor, String> {
         let t = &decider.thresholds;
-        let in_use: Vec<ScoreKind> = std::iter::once(t.default.kind).chain(t.topics.values().map(|t| t.kind)).collect();
+        let in_use: Vec<ScoreKind> =
+            std::iter::once(t.default.kind).chain(t.topics.values().map(|t| t.kind)).collect();
         let calibration = &decider.model.calibration;
         let mut references = Vec::new();
         for &kind in calibration.scores.keys() {
@@ -216,7 +217,15 @@ impl WindowStage {
             }
             None => None,
         };
-        Ok(Self { factory, auditors, summary, metrics, tracker, exported: BTreeSet::new(), failed_logged: None })
+        Ok(Self {
+            factory,
+            auditors,
+            summary,
+            metrics,
+            tracker,
+            exported: BTreeSet::new(),
+            failed_logged: None,
+        })
     }
 
     /// The auditor of the item's model; after a swap its windows close (cut short,
@@ -269,7 +278,8 @@ impl WindowStage {
                 self.tick();
             }
         }
-        let closed: Vec<WindowRecord> = self.auditors.iter_mut().flat_map(|a| a.auditor.close_all("shutdown")).collect();
+        let closed: Vec<WindowRecord> =
+            self.auditors.iter_mut().flat_map(|a| a.auditor.close_all("shutdown")).collect();
         self.emit(closed);
         if let Some((producer, _)) = &self.summary {
             if let Err(e) = producer.flush(Duration::from_secs(1)) {
@@ -280,7 +290,8 @@ impl WindowStage {
 
     fn tick(&mut self) {
         let now = Instant::now();
-        let closed: Vec<WindowRecord> = self.auditors.iter_mut().flat_map(|a| a.auditor.close_due(now)).collect();
+        let closed: Vec<WindowRecord> =
+            self.auditors.iter_mut().flat_map(|a| a.auditor.close_due(now)).collect();
         self.emit(closed);
         let assigned: BTreeSet<(String, i32)> =
             self.tracker.lock().map(|t| t.assigned().into_iter().collect()).unwrap_or_default();

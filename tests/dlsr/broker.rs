@@ -92,12 +92,12 @@ fn write_config(dir: &Path, brokers: &str, group: &str) -> PathBuf {
 }
 
 /// A `dlsr serve` process whose log is collected; started once it logs "dlsr serving".
-struct Daemon {
-    child: Child,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
-fn serve(config: &Path) -> Daemon {
+pub(crate) fn serve(config: &Path) -> Daemon {
     use std::io::BufRead;
     let mut child = Command::new(dlsr_bin())
         .args(["serve", "--config", config.to_str().unwrap()])
@@ -121,7 +121,7 @@ fn serve(config: &Path) -> Daemon {
     Daemon { child, log }
 }
 
-fn terminate(mut d: Daemon) -> String {
+pub(crate) fn terminate(mut d: Daemon) -> String {
     unsafe {
         libc::kill(d.child.id() as i32, libc::SIGTERM);
     }

@@ -16,5 +16,6 @@ mod pipeline;
 mod references;
 mod secured;
 mod stream;
+mod swap;
 mod topics;
 mod windows;

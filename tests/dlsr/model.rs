@@ -59,6 +59,24 @@ pub fn fitted() -> &'static Fitted {
     })
 }
 
+/// Another bundle fitted on the same Fashion-MNIST items as [`fitted`] (its features come
+/// from the same cache), with `extra` arguments (e.g. `--epochs 3 --seed 7`, or another
+/// `--input-size` and `--limit`), written to `out`.
+pub fn fit_variant(out: &Path, extra: &[&str]) {
+    let f = fitted();
+    let data = fmnist("train-images-idx3-ubyte.gz");
+    let mut args = vec!["-q", "fit", "--data", &data, "--out", out.to_str().unwrap()];
+    if !extra.contains(&"--limit") {
+        args.extend_from_slice(&["--limit", "3000"]);
+    }
+    if !extra.contains(&"--input-size") {
+        args.extend_from_slice(&["--input-size", "64"]);
+    }
+    args.extend_from_slice(extra);
+    let (ok, _, stderr) = run(&args, &f.dir.path().join("cache"));
+    assert!(ok, "fit {extra:?} failed: {stderr}");
+}
+
 #[test]
 fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     let f = fitted();
