@@ -1426,4 +1426,30 @@ mod tests {
         cfg.kafka.security.sasl_password_file = file.to_string_lossy().into_owned();
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
+
+    #[test]
+    fn routes_name_configured_models_and_unrouted_topics_use_the_default() {
+        let mut cfg = Config::default();
+        cfg.kafka.input_topics = vec!["images".into(), "scans".into()];
+        cfg.models.insert("scans".into(), ModelConfig { bundle: "scans.safetensors".into(), ..Default::default() });
+        let route = |model: &str| ThresholdSpec { model: Some(model.into()), ..Default::default() };
+        cfg.thresholds.topics.insert("scans".into(), route("scans"));
+        cfg.validate().unwrap();
+        assert_eq!((cfg.model_for_topic("scans"), cfg.model_for_topic("images")), ("scans", DEFAULT_MODEL));
+        assert_eq!(cfg.all_models().iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["default", "scans"]);
+
+        let mut unknown = cfg.clone();
+        unknown.thresholds.topics.insert("scans".into(), route("docs"));
+        let err = unknown.validate().unwrap_err().to_string();
+        assert!(err.contains("thresholds.topics.scans.model") && err.contains("known: default, scans"), "{err}");
+        let mut named_default = cfg.clone();
+        named_default.models.insert(DEFAULT_MODEL.into(), ModelConfig::default());
+        assert!(named_default.validate().unwrap_err().to_string().contains("models.default"));
+        let mut odd = cfg.clone();
+        odd.models.insert("a b".into(), ModelConfig::default());
+        assert!(odd.validate().unwrap_err().to_string().contains("models.a b"));
+        let mut default_route = cfg;
+        default_route.thresholds.default.model = Some("scans".into());
+        assert!(default_route.validate().unwrap_err().to_string().contains("thresholds.default.model"));
+    }
 }
