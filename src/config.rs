@@ -1431,7 +1431,8 @@ mod tests {
     fn routes_name_configured_models_and_unrouted_topics_use_the_default() {
         let mut cfg = Config::default();
         cfg.kafka.input_topics = vec!["images".into(), "scans".into()];
-        cfg.models.insert("scans".into(), ModelConfig { bundle: "scans.safetensors".into(), ..Default::default() });
+        cfg.models
+            .insert("scans".into(), ModelConfig { bundle: "scans.safetensors".into(), ..Default::default() });
         let route = |model: &str| ThresholdSpec { model: Some(model.into()), ..Default::default() };
         cfg.thresholds.topics.insert("scans".into(), route("scans"));
         cfg.validate().unwrap();
@@ -1441,7 +1442,10 @@ mod tests {
         let mut unknown = cfg.clone();
         unknown.thresholds.topics.insert("scans".into(), route("docs"));
         let err = unknown.validate().unwrap_err().to_string();
-        assert!(err.contains("thresholds.topics.scans.model") && err.contains("known: default, scans"), "{err}");
+        assert!(
+            err.contains("thresholds.topics.scans.model") && err.contains("known: default, scans"),
+            "{err}"
+        );
         let mut named_default = cfg.clone();
         named_default.models.insert(DEFAULT_MODEL.into(), ModelConfig::default());
         assert!(named_default.validate().unwrap_err().to_string().contains("models.default"));

@@ -17,8 +17,10 @@
 //! - [`verdict`] turns an item's scores into a verdict; [`eval`] and [`evaluate`] measure
 //!   detection (AUROC, FPR95, AUPR, plots); [`audit`] judges whole sets and windows of a
 //!   stream (reports, two-sample tests, the online detector).
-//! - [`stream`] is the daemon (consumer, resolve, decode, score, produce, offsets, the
-//!   window auditor) and the Kafka tools that share its clients (`publish`, `tail`);
+//! - [`stream`] is the daemon (consumer, resolve, decode, score, decide, produce,
+//!   offsets, the served models and their hot swap, the window auditor) and the Kafka
+//!   tools built on it (`publish`, `tail`); [`kafka`] the client helpers they and the
+//!   topic audit share (settings, topics, headers, records, librdkafka's logs);
 //!   [`config`] its configuration; [`telemetry`] its metrics, HTTP probes and logs;
 //!   [`shutdown`] the interruption of long batch work.
 //! - [`cli`] implements the subcommands; `main.rs` only parses arguments and maps errors
@@ -37,6 +39,7 @@ pub mod encode;
 pub mod eval;
 pub mod evaluate;
 pub mod fit;
+pub mod kafka;
 pub mod memory;
 pub mod model;
 pub mod progress;

@@ -26,8 +26,8 @@ use tch::{Kind, Tensor};
 
 use crate::data::Normalisation;
 use crate::eval::calibration::Calibration;
+use crate::kafka::message::Source;
 use crate::model::score::{splitmix64, ScoreKind};
-use crate::stream::message::Source;
 use crate::verdict::Verdict;
 
 /// The significance level below which a set is called "shifted". 0.001 rather than 0.05:

@@ -12,9 +12,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::stream::client_log::GatedContext;
-use crate::stream::topics;
-pub use crate::stream::topics::TopicError;
+use crate::kafka::client_log::GatedContext;
+use crate::kafka::topics;
+pub use crate::kafka::topics::TopicError;
 
 /// Where each partition's reading starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,7 +49,7 @@ pub struct PartitionRange {
 }
 
 /// A message as the audit reads it: the one owned record type.
-pub use crate::stream::message::Record as TopicMessage;
+pub use crate::kafka::message::Record as TopicMessage;
 
 pub struct TopicReader {
     consumer: BaseConsumer<GatedContext>,

@@ -19,11 +19,11 @@ use crate::audit::{
 };
 use crate::data::DataSet;
 use crate::encode::{EncodeOptions, RawBatch};
+use crate::kafka::message::{item_id, Source};
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
 use crate::model::score::ScoreKind;
 use crate::progress::Progress;
-use crate::stream::message::{item_id, Source};
 use crate::verdict::judge;
 
 #[derive(Debug, Args)]
@@ -318,7 +318,7 @@ pub fn run(args: &AuditArgs, quiet: bool) -> anyhow::Result<()> {
             b - a
         })
         .collect();
-    let generated = crate::stream::message::rfc3339_now();
+    let generated = crate::kafka::message::rfc3339_now();
     let model_name =
         args.bundle.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let ctx = report::ReportContext {
@@ -452,7 +452,7 @@ fn audit_files(
 /// The topic range the arguments ask for (checked before any model is loaded).
 fn topic_range(args: &AuditArgs) -> anyhow::Result<Option<TopicRange>> {
     let Some(topic) = &args.from_topic else { return Ok(None) };
-    let now = crate::stream::message::now_millis();
+    let now = crate::kafka::message::now_millis();
     let time = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
         s.as_deref().map(|s| parse_time(s, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
     };

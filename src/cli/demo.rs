@@ -276,8 +276,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
             if msg.topic() == "dlsr-dead-letters" {
                 report.dead_letters += 1;
                 // Dead letters carry the input's headers, whose keys may be any bytes.
-                let headers = crate::stream::headers::read(&msg);
-                let code = crate::stream::headers::find(&headers, "dlsr-error-code")
+                let headers = crate::kafka::headers::read(&msg);
+                let code = crate::kafka::headers::find(&headers, "dlsr-error-code")
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
                 dead_lines.push(format!("  {id:<32} {code}"));

@@ -58,7 +58,7 @@ pub struct TailArgs {
 }
 
 fn parse_from(text: Option<&str>, follow: bool) -> anyhow::Result<TailStart> {
-    let now = crate::stream::message::now_millis();
+    let now = crate::kafka::message::now_millis();
     Ok(match text {
         None if follow => TailStart::End,
         None | Some("beginning") => TailStart::Beginning,
@@ -93,7 +93,7 @@ pub fn run(args: &TailArgs, quiet: bool) -> anyhow::Result<()> {
         vec![kafka.output_topic.clone(), kafka.dead_letter_topic.clone()]
     };
     let from = parse_from(args.from.as_deref(), args.follow)?;
-    let mut connection = crate::stream::kafka::connection_config(&kafka)?;
+    let mut connection = crate::kafka::settings::connection_config(&kafka)?;
     for (k, v) in &args.properties {
         connection.set(k, v);
     }
@@ -124,7 +124,7 @@ pub fn run(args: &TailArgs, quiet: bool) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
     let mut tail = Tail::open(&options).map_err(|e| match e {
-        crate::stream::topics::TopicError::NoTopic(t) => anyhow::anyhow!(
+        crate::kafka::topics::TopicError::NoTopic(t) => anyhow::anyhow!(
             "no such topic on the brokers: {t} (the daemon has not published to it yet, or \
              --config/--topic names another)"
         ),

@@ -43,9 +43,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use super::input::{self, FaultClass, InputFaults, PartitionError, Polled, SkipStep, Skipper};
-use super::message::{Record, Source};
 use super::offsets::{Ack, OffsetTracker, TopicPartition};
 use crate::config::OnUnreadable;
+use crate::kafka::message::{Record, Source};
 use crate::telemetry::metrics::Metrics;
 
 /// Offsets skipped unread (`kafka.on_unreadable = "skip"`): the work item standing for
@@ -223,13 +223,13 @@ impl ClientContext for ConsumerCtx {
             self.metrics.broker_up.set(0);
         }
         if let Ok(mut last) = self.last_client_error.lock() {
-            *last = Some(super::client_log::problem_of(reason).to_string());
+            *last = Some(crate::kafka::client_log::problem_of(reason).to_string());
         }
-        super::client_log::error("consumer", &error, reason);
+        crate::kafka::client_log::error("consumer", &error, reason);
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        super::client_log::log("consumer", level, facility, message);
+        crate::kafka::client_log::log("consumer", level, facility, message);
     }
 }
 
@@ -575,7 +575,7 @@ impl ConsumerStage {
         let class = input::classify(e.code);
         if class == FaultClass::Transient || e.partition < 0 {
             // librdkafka retries these by itself; said once per problem.
-            super::client_log::error(
+            crate::kafka::client_log::error(
                 "consumer",
                 &rdkafka::error::KafkaError::MessageConsumption(e.code),
                 &format!("{}/{} at offset {}: {}", e.topic, e.partition, e.offset, e.reason),

@@ -37,7 +37,6 @@ use rdkafka::producer::{Producer, PurgeConfig};
 use super::budget::DecodeBudget;
 use super::consumer::{ConsumerCtx, ConsumerStage, Work};
 use super::decide::Decider;
-use super::kafka::{consumer_config, producer_config};
 use super::models::{ModelSlot, Worker};
 use super::offsets::OffsetTracker;
 use super::producer::{Output, OutputBlocks, OutputTopics, RetryScheduler};
@@ -48,6 +47,7 @@ use super::scorer::{
 };
 use super::supervise::{self, Faults};
 use crate::config::{Config, ConfigError};
+use crate::kafka::settings::{consumer_config, producer_config};
 use crate::telemetry::http::Health;
 use crate::telemetry::metrics::Metrics;
 
@@ -345,7 +345,7 @@ impl Daemon {
             .filter_map(|t| super::topic_watch::InputSpec::parse(t).ok())
             .collect();
         let watcher = super::topic_watch::spawn(
-            super::kafka::connection_config(&cfg.kafka)?,
+            crate::kafka::settings::connection_config(&cfg.kafka)?,
             inputs,
             vec![cfg.kafka.output_topic.clone(), cfg.kafka.dead_letter_topic.clone()],
             consumer.ctx().input_faults.clone(),
@@ -964,7 +964,7 @@ fn window_stage(
     let group_by = factory.group_by.clone();
     let summary = match audit.summary_topic.trim() {
         "" => None,
-        topic => Some((super::kafka::producer_config(&cfg.kafka)?, topic.to_string())),
+        topic => Some((crate::kafka::settings::producer_config(&cfg.kafka)?, topic.to_string())),
     };
     let stage =
         super::window_stage::WindowStage::new(factory, deciders, summary, metrics.clone(), tracker.clone())

@@ -308,7 +308,7 @@ mod tests {
 
     fn model(calibration: Calibration) -> ModelInfo {
         ModelInfo {
-            model_ref: crate::stream::message::ModelRef { name: "m".into(), sha256: "a".repeat(64) },
+            model_ref: crate::kafka::message::ModelRef { name: "m".into(), sha256: "a".repeat(64) },
             encoder: "e".into(),
             preprocess: crate::data::Preprocess {
                 size: 64,

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use rdkafka::bindings as rdsys;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::headers;
-use super::message::{Record, Source};
 use super::offsets::TopicPartition;
+use crate::kafka::headers;
+use crate::kafka::message::{Record, Source};
 
 /// A partition-level error as librdkafka reported it.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,29 +1,28 @@
-//! The streaming side, one module per stage of the daemon's data flow:
+//! The daemon's stages, one module per stage of its data flow:
 //! - [`consumer`]: group membership, rebalances, pause/resume, commits, lag; what it
 //!   reads, event by event, and the input-side faults ([`input`], [`topic_watch`]);
-//! - [`scorer`]: decode workers, batcher, the [`scorer::ItemScorer`] seam, verdicts;
+//! - [`resolve`]: envelopes unpacked and references fetched, off the consumer thread;
+//! - [`scorer`]: decode workers, one batcher per model, the [`scorer::ItemScorer`] seam;
+//! - [`decide`]: a model's thresholds and the outcome of a scored item (verdict,
+//!   nothing to publish, dead letter), the one threshold resolution of the CLI too;
+//! - [`models`]: the served models, their checks and self-test, hot swaps;
 //! - [`producer`]: output records, deliveries, retries, dead letters, blocked outputs;
 //! - [`window_stage`]: the window audit of the judged items (windows per topic and
 //!   group, their tests, the online detector, the summary topic);
-//! - [`daemon`]: wires the stages, the main loop, faults and shutdown.
+//! - [`daemon`]: wires the stages, the main loop, reloads, faults and shutdown.
 //!
-//! Around them: offset bookkeeping ([`offsets`]), byte-exact headers ([`headers`]),
-//! supervised threads ([`supervise`]), thresholds ([`thresholds`]), output record formats
-//! ([`message`]), librdkafka settings ([`kafka`]), librdkafka's
-//! logs said once per problem ([`client_log`]), the publisher used for demos, load tests
-//! and backfills ([`publish`]) what the brokers say about a topic ([`topics`]) and
-//! reading the outputs back for people ([`tail`]).
+//! Around them: offset bookkeeping ([`offsets`]), the run's counts ([`counters`]),
+//! memory in flight ([`budget`]), supervised threads ([`supervise`]), the publisher used
+//! for demos, load tests and backfills ([`publish`]) and reading the outputs back for
+//! people ([`tail`]). The Kafka client helpers these share with the CLI are in
+//! [`crate::kafka`].
 
 pub mod budget;
-pub mod client_log;
 pub mod consumer;
 pub mod counters;
 pub mod daemon;
 pub mod decide;
-pub mod headers;
 pub mod input;
-pub mod kafka;
-pub mod message;
 pub mod models;
 pub mod offsets;
 pub mod producer;
@@ -33,5 +32,4 @@ pub mod scorer;
 pub mod supervise;
 pub mod tail;
 pub mod topic_watch;
-pub mod topics;
 pub mod window_stage;

@@ -234,8 +234,8 @@ pub fn reload(cfg: &Config, slot: &ModelSlot, workers: usize) -> ReloadOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::message::ModelRef;
     use crate::model::score::{ItemScores, ScoreKind};
-    use crate::stream::message::ModelRef;
     use crate::stream::scorer::ScoringError;
 
     struct Stub(ModelInfo);

@@ -39,9 +39,9 @@ use rdkafka::ClientContext;
 
 use super::consumer::Work;
 use super::counters::Counters;
-use super::headers::{self, Header};
 use super::offsets::{Ack, OffsetTracker};
 use super::supervise::Faults;
+use crate::kafka::headers::{self, Header};
 use crate::telemetry::metrics::Metrics;
 
 /// Room left in every record for Kafka's own framing (record batch header, lengths).
@@ -277,12 +277,12 @@ impl ClientContext for ProducerCtx {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
             self.faults.record(format!("the producer hit a fatal error and cannot go on: {reason}"));
         } else {
-            super::client_log::error("producer", &error, reason);
+            crate::kafka::client_log::error("producer", &error, reason);
         }
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        super::client_log::log("producer", level, facility, message);
+        crate::kafka::client_log::log("producer", level, facility, message);
     }
 }
 
@@ -667,11 +667,11 @@ impl RetryScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::message::Source;
+    use crate::kafka::message::Source;
 
     fn work(value_len: usize, header_len: usize) -> Work {
         Work {
-            record: crate::stream::message::Record {
+            record: crate::kafka::message::Record {
                 source: Source { topic: "images".into(), partition: 1, offset: 42, timestamp: None },
                 key: Some(b"cat.png".to_vec()),
                 value: (0..value_len).map(|i| (i % 251) as u8).collect(),

@@ -17,14 +17,14 @@ pub enum PublishError {
     #[error("kafka: {0}")]
     Kafka(String),
     #[error("{0} (check --brokers and that the broker runs; --timeout sets how long to wait)")]
-    Unreachable(super::topics::TopicError),
+    Unreachable(crate::kafka::topics::TopicError),
     #[error(
         "topic {0:?} does not exist on the brokers, and they did not create it on first use: \
          create it, or pass --partitions N and publish creates it"
     )]
     NoTopic(String),
     #[error("{0}")]
-    Topic(super::topics::TopicError),
+    Topic(crate::kafka::topics::TopicError),
     #[error("{id}: cannot encode as PNG: {reason}")]
     Encode { id: String, reason: String },
 }
@@ -37,11 +37,11 @@ pub struct DeliveryCounts {
 
 impl ClientContext for &'static DeliveryCounts {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        super::client_log::error("publisher", &error, reason);
+        crate::kafka::client_log::error("publisher", &error, reason);
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        super::client_log::log("publisher", level, facility, message);
+        crate::kafka::client_log::log("publisher", level, facility, message);
     }
 }
 impl ProducerContext for &'static DeliveryCounts {
@@ -106,7 +106,7 @@ impl Publisher {
     /// created by a broker that creates topics on first use). Without this check a wrong
     /// address would leave librdkafka retrying each message for minutes.
     pub fn check(&self, brokers: &str, topic: &str, timeout: Duration) -> Result<(), PublishError> {
-        use super::topics::{partitions, TopicError};
+        use crate::kafka::topics::{partitions, TopicError};
         let found = partitions(self.producer.client(), brokers, topic, timeout);
         // librdkafka's own account of the failure (e.g. "Connection refused") waits in
         // the event queue: serve it, so the gated log says it once before the error.
@@ -128,7 +128,7 @@ impl Publisher {
         let answer = self.producer.client().fetch_metadata(None, timeout);
         self.producer.poll(Duration::ZERO);
         answer.map(drop).map_err(|e| {
-            PublishError::Unreachable(super::topics::TopicError::unreachable(brokers, timeout, e))
+            PublishError::Unreachable(crate::kafka::topics::TopicError::unreachable(brokers, timeout, e))
         })
     }
 
@@ -233,8 +233,8 @@ pub fn ensure_topic(
     for (k, v) in properties {
         config.set(k, v);
     }
-    let admin: AdminClient<super::client_log::GatedContext> = config
-        .create_with_context(super::client_log::GatedContext("admin"))
+    let admin: AdminClient<crate::kafka::client_log::GatedContext> = config
+        .create_with_context(crate::kafka::client_log::GatedContext("admin"))
         .map_err(|e| PublishError::Kafka(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -28,7 +28,6 @@ use tch::Tensor;
 use super::consumer::Work;
 use super::counters::Counters;
 use super::decide::Outcome;
-use super::message::{ModelRef, VerdictRecord};
 use super::models::{Worker, IDLE_CHECK};
 use super::producer::Output;
 use super::window_stage::{group_value, WindowFeedItem};
@@ -36,6 +35,7 @@ use crate::audit::window::GroupBy;
 use crate::config::{ModelConfig, PipelineConfig};
 use crate::data::{decode, Preprocess};
 use crate::eval::calibration::Calibration;
+use crate::kafka::message::{ModelRef, VerdictRecord};
 use crate::model::bundle::Bundle;
 use crate::model::features::FeatureExtractor;
 use crate::model::score::{ItemScores, ScoreKind, ScoreSettings};
@@ -498,7 +498,8 @@ impl ScoringStage {
         if verdict.is_ood {
             self.counters.flagged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Some(seconds) = end_to_end_seconds(super::message::now_millis(), work.record.source.timestamp)
+        if let Some(seconds) =
+            end_to_end_seconds(crate::kafka::message::now_millis(), work.record.source.timestamp)
         {
             m.record_end_to_end(&topic, seconds);
         }

@@ -24,10 +24,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client_log::GatedContext;
-use super::headers::{self, Header};
-use super::message::{item_id, rfc3339, Source};
-use super::topics::{self, TopicError};
+use crate::kafka::client_log::GatedContext;
+use crate::kafka::headers::{self, Header};
+use crate::kafka::message::{item_id, rfc3339, Source};
+use crate::kafka::topics::{self, TopicError};
 
 /// Where reading starts in every partition.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +51,7 @@ pub struct TailOptions {
     pub timeout: Duration,
 }
 
-pub use super::message::Record;
+pub use crate::kafka::message::Record;
 
 /// The fields of a verdict a reader needs (`docs/verdict.schema.json` has them all).
 #[derive(Debug, Clone, Deserialize)]
@@ -404,7 +404,7 @@ impl Tail {
         if topics.is_empty() {
             return Err(TopicError::NoTopic(missing.join(", ")));
         }
-        let opened_ms = super::message::now_millis();
+        let opened_ms = crate::kafka::message::now_millis();
         Ok(Self {
             topics,
             follow: options.follow,
@@ -487,7 +487,7 @@ mod tests {
 
     fn record(headers: Vec<Header>, value: &[u8]) -> Record {
         Record {
-            source: super::super::message::Source {
+            source: crate::kafka::message::Source {
                 topic: "dlsr-dead-letters".into(),
                 partition: 0,
                 offset: 7,

@@ -27,9 +27,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientConfig, ClientContext};
 
 use super::decide::Decider;
-use super::headers::Header;
 use super::offsets::OffsetTracker;
 use crate::audit::window::{GroupBy, Item, Reference, WindowAuditor, WindowRecord, WindowSettings};
+use crate::kafka::headers::Header;
 use crate::model::score::ScoreKind;
 use crate::telemetry::metrics::Metrics;
 
@@ -81,7 +81,7 @@ impl WindowFeedItem {
 pub fn group_value(group_by: &GroupBy, headers: &[Header], json_group: Option<&str>) -> Option<Vec<u8>> {
     match group_by {
         GroupBy::None | GroupBy::Folder => None,
-        GroupBy::Header(name) => super::headers::find(headers, name).map(<[u8]>::to_vec),
+        GroupBy::Header(name) => crate::kafka::headers::find(headers, name).map(<[u8]>::to_vec),
         GroupBy::Json(_) => json_group.map(|g| g.as_bytes().to_vec()),
     }
 }
@@ -96,11 +96,11 @@ pub struct SummaryCtx {
 
 impl ClientContext for SummaryCtx {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        super::client_log::error("window records", &error, reason);
+        crate::kafka::client_log::error("window records", &error, reason);
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        super::client_log::log("window records", level, facility, message);
+        crate::kafka::client_log::log("window records", level, facility, message);
     }
 }
 

@@ -285,7 +285,7 @@ fn audit_reads_the_time_range_it_is_given() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
     };
     // Both forms of time: RFC 3339 and milliseconds since the epoch.
-    let after = audit("--since", dlsr::stream::message::rfc3339(cut));
+    let after = audit("--since", dlsr::kafka::message::rfc3339(cut));
     assert_eq!(after["items"], 8, "{after}");
     let before = audit("--until", cut.to_string());
     assert_eq!(before["items"], 12, "{before}");
@@ -306,7 +306,7 @@ fn audit_reads_the_time_range_it_is_given() {
         assert!(records.iter().all(|r| r["kind"] == "other" && r["topic"] == "images"), "{records:?}");
         records.len()
     };
-    assert_eq!(tail(&dlsr::stream::message::rfc3339(cut)), 8);
+    assert_eq!(tail(&dlsr::kafka::message::rfc3339(cut)), 8);
     assert_eq!(tail("end"), 0);
     assert_eq!(tail("beginning"), 20);
 }

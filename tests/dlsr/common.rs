@@ -109,9 +109,9 @@ pub fn read_outputs_by_key<T>(
     let started = std::time::Instant::now();
     while out.len() < n && started.elapsed() < timeout {
         let Some(Ok(m)) = reader.poll(std::time::Duration::from_millis(200)) else { continue };
-        let hs = dlsr::stream::headers::read(&m);
+        let hs = dlsr::kafka::headers::read(&m);
         let text =
-            |k: &str| dlsr::stream::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
+            |k: &str| dlsr::kafka::headers::find(&hs, k).map(|c| String::from_utf8_lossy(c).into_owned());
         let (key, value) = entry(&m, &text);
         out.insert(key, value);
     }

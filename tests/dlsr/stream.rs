@@ -256,7 +256,7 @@ fn every_input_gets_exactly_one_verdict_or_dead_letter_and_offsets_reach_the_end
 }
 
 /// A raw record for `dlsr tail` to read: (topic, key, headers, value).
-type RawRecord<'a> = (&'a str, Option<&'a [u8]>, Vec<dlsr::stream::headers::Header>, &'a [u8]);
+type RawRecord<'a> = (&'a str, Option<&'a [u8]>, Vec<dlsr::kafka::headers::Header>, &'a [u8]);
 
 fn produce_raw(brokers: &str, records: &[RawRecord<'_>]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -264,7 +264,7 @@ fn produce_raw(brokers: &str, records: &[RawRecord<'_>]) {
     for (topic, key, headers, value) in records {
         let mut r = BaseRecord::<[u8], [u8]>::to(topic)
             .payload(*value)
-            .headers(dlsr::stream::headers::to_owned(headers));
+            .headers(dlsr::kafka::headers::to_owned(headers));
         if let Some(k) = key {
             r = r.key(*k);
         }
@@ -275,7 +275,7 @@ fn produce_raw(brokers: &str, records: &[RawRecord<'_>]) {
 
 #[test]
 fn tail_follows_new_records_starts_at_a_time_and_shows_any_bytes_as_one_line() {
-    use dlsr::stream::headers::text;
+    use dlsr::kafka::headers::text;
     use std::io::BufRead;
     let (_cluster, brokers) = cluster();
     let verdict = |id: &str, ood: bool| {

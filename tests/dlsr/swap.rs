@@ -103,7 +103,7 @@ impl Verdicts {
     fn new(brokers: &str) -> Self {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("group.id", format!("swap-reader-{}", dlsr::stream::message::now_millis()))
+            .set("group.id", format!("swap-reader-{}", dlsr::kafka::message::now_millis()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()

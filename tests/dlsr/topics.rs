@@ -136,7 +136,7 @@ fn kafka_string(s: &str) -> Vec<u8> {
 /// payload is not a zstd frame, with a hand-built Produce request (v3, record batch v2):
 /// what a buggy producer or a damaged log segment gives a consumer.
 fn produce_corrupt_zstd_batch(brokers: &str, topic: &str, partition: i32, records: i32) {
-    let now = dlsr::stream::message::now_millis();
+    let now = dlsr::kafka::message::now_millis();
     let mut after_crc = Vec::new();
     after_crc.extend(4i16.to_be_bytes()); // attributes: compression = zstd
     after_crc.extend((records - 1).to_be_bytes()); // last offset delta

@@ -36,7 +36,7 @@ fn produce(brokers: &str, topic: &str, messages: &[(String, Vec<u8>, &str)]) {
 fn read_windows(brokers: &str, n: usize, timeout: Duration) -> Vec<WindowRecord> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("windows-reader-{}", dlsr::stream::message::now_millis()))
+        .set("group.id", format!("windows-reader-{}", dlsr::kafka::message::now_millis()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
@@ -47,8 +47,8 @@ fn read_windows(brokers: &str, n: usize, timeout: Duration) -> Vec<WindowRecord>
     let mut last = Instant::now();
     while started.elapsed() < timeout && (out.len() < n || last.elapsed() < Duration::from_secs(2)) {
         let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else { continue };
-        let hs = dlsr::stream::headers::read(&m);
-        assert_eq!(dlsr::stream::headers::find(&hs, "dlsr-record"), Some(&b"window"[..]));
+        let hs = dlsr::kafka::headers::read(&m);
+        assert_eq!(dlsr::kafka::headers::find(&hs, "dlsr-record"), Some(&b"window"[..]));
         let record: WindowRecord = serde_json::from_slice(m.payload().unwrap()).unwrap();
         assert_eq!(m.key(), Some(format!("{}/{}", record.topic, record.group).as_bytes()));
         out.push(record);
