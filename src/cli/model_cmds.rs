@@ -166,6 +166,15 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
         report.calibrate_seconds
     );
     print_calibration(&m.calibration);
+    match &m.self_test {
+        Some(test) => println!(
+            "self-test: {} held-out items and their scores stored ({} {}); a loading daemon checks them",
+            test.ids.len(),
+            test.device,
+            test.precision
+        ),
+        None => println!("self-test: none stored (no held-out item could be read again)"),
+    }
     Ok(())
 }
 

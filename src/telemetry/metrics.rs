@@ -546,12 +546,6 @@ impl Metrics {
         }
     }
 
-    pub fn clear_thresholds(&self) {
-        self.threshold.reset();
-        self.threshold_id_fpr.reset();
-        self.threshold_id_fpr_bound.reset();
-    }
-
     pub fn set_id_quantile(&self, model: &str, kind: ScoreKind, quantile: &str, value: f64) {
         self.id_score_quantile.with_label_values(&[model, kind.name(), quantile]).set(value);
     }
