@@ -27,6 +27,13 @@
 #   scripts/benchmark.sh memory  peak resident memory with large images (6000x6000 PNGs,
 #                                12 MP JPEGs) through the daemon and `dlsr score`
 #                                (scripts/memory_check.py; needs scripts/setup-peer.sh)
+#   scripts/benchmark.sh near    near-OOD: held-out Fashion-MNIST classes (footwear from
+#                                the other seven; shirt from the other nine) and the ID
+#                                classes' test images rotated, cropped, blurred, with
+#                                less contrast or brighter, each kind and strength a row,
+#                                MNIST as the far row, and the validation split (unused
+#                                train records vs the same upside down); env: NEAR_TRAIN
+#                                (12000), NEAR_EVAL (2000), EPOCHS (30)
 # Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
 # Results land in runs/bench-<mode>/; each run prints a summary table.
 set -euo pipefail
@@ -141,6 +148,37 @@ PY
   memory)
     "$BIN" -q fit --data "$TRAIN" --limit "${FIT_LIMIT:-2000}" --epochs 2 --out "$OUT/m.safetensors" "$@" >/dev/null
     "$DEPS_DIR/peer-venv/bin/python" scripts/memory_check.py "$BIN" "$PWD/$OUT/m.safetensors" "$OUT/sets" | tee "$OUT/summary.md" ;;
+  near)
+    # Near-OOD (README, "Near-OOD"): fit on some Fashion-MNIST classes, the held-out
+    # classes are OOD; and the ID classes' test images transformed, one row per kind and
+    # strength. Splits: footwear (5 sandal, 7 sneaker, 9 ankle boot) held out from the
+    # other seven, and shirt (6) held out from the rest (it looks like T-shirt 0,
+    # pullover 2 and coat 4). Every set is read with SPEC options (?classes=, ?rotate=...).
+    NEAR_TRAIN="${NEAR_TRAIN:-12000}"; NEAR_EVAL="${NEAR_EVAL:-2000}"; EPOCHS="${EPOCHS:-30}"
+    near() { # name id_classes ood_classes
+      local name="$1" id="$2" ood="$3"; shift 3
+      "$BIN" -q fit --data "$TRAIN?classes=$id" --limit "$NEAR_TRAIN" --input-size 64 --epochs "$EPOCHS" \
+        --out "$OUT/$name.safetensors" "$@" > "$OUT/$name.fit.txt"
+      local rows=(--ood "held-out=$TEST?classes=$ood")
+      if [ "$name" = footwear ]; then
+        for t in rotate=15 rotate=45 rotate=90 crop=0.8 crop=0.6 blur=0.5 blur=1 blur=2 contrast=0.5 \
+                 contrast=0.25 brightness=40 brightness=80; do
+          rows+=(--ood "$t=$TEST?classes=$id&$t")
+        done
+        rows+=(--ood "mnist=$MNIST")
+      fi
+      "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$TEST?classes=$id" "${rows[@]}" \
+        --limit "$NEAR_EVAL" --out "$OUT/$name" > "$OUT/$name.eval.txt"
+      # The validation split: train records the fit did not use, against the same records
+      # upside down (a transform that is in no test row).
+      "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$TRAIN?classes=$id&from=40000" \
+        --ood "vflip=$TRAIN?classes=$id&from=40000&flip=v" --limit "$NEAR_EVAL" --out "$OUT/$name-validation" \
+        > "$OUT/$name-validation.eval.txt"
+    }
+    near footwear 0,1,2,3,4,6,8 5,7,9 "$@"
+    near shirt 0,1,2,3,4,5,7,8,9 6 "$@"
+    python3 scripts/near_table.py "$OUT/footwear" "$OUT/shirt" "$OUT/footwear-validation" "$OUT/shirt-validation" \
+      | tee "$OUT/summary.md" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 echo; echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -215,8 +215,14 @@ impl Calibration {
 
     /// Adds the per-layer statistics of the held-out items' scores.
     pub fn with_layers(mut self, heldout: &[crate::model::score::ItemScores]) -> Self {
+        self.layer_cos = Self::layer_stats(heldout);
+        self
+    }
+
+    /// Mean and standard deviation of each layer's cosine over `heldout`.
+    pub fn layer_stats(heldout: &[crate::model::score::ItemScores]) -> Vec<LayerStat> {
         let layers = heldout.iter().map(|s| s.layers.len()).min().unwrap_or(0);
-        self.layer_cos = (0..layers)
+        (0..layers)
             .map(|l| {
                 let values: Vec<f64> =
                     heldout.iter().map(|s| s.layers[l].cos).filter(|v| v.is_finite()).collect();
@@ -225,8 +231,7 @@ impl Calibration {
                 let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
                 LayerStat { mean, sd: var.sqrt() }
             })
-            .collect();
-        self
+            .collect()
     }
 }
 

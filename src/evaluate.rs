@@ -271,6 +271,14 @@ fn threshold_in_use(
     let spec =
         crate::config::ThresholdSpec { score_kind: choice.score, value: choice.value, ..Default::default() };
     let score = choice.score.unwrap_or(meta.default_score);
+    // The calibrated thresholds hold for the settings they were calibrated with only.
+    if choice.value.is_none()
+        && (settings.draws != meta.scoring.draws || settings.layer_norm != meta.scoring.layer_norm)
+    {
+        return Err("the calibrated thresholds are for the bundle's draws and layer normalisation; pass \
+                    --threshold or refit with these settings"
+            .into());
+    }
     // The calibrated MFsim threshold holds for the layers it was calibrated on only.
     if choice.value.is_none()
         && score == ScoreKind::Mfsim

@@ -51,6 +51,8 @@ pub struct FitOptions {
     pub depth: usize,
     pub train: TrainConfig,
     pub holdout_fraction: f64,
+    /// Normalise MFsim per layer by the held-out items' statistics (`ScoreSettings::layer_norm`).
+    pub layer_norm: bool,
     pub target_fpr: f64,
     pub scoring: ScoreSettings,
     pub default_score: ScoreKind,
@@ -132,16 +134,31 @@ pub fn fit(
         train(&train_values, config, &schedule, &opts.train, opts.device, opts.encode.quiet, interrupted)?;
 
     let started = std::time::Instant::now();
-    let scorer = crate::model::score::Scorer {
+    let scorer_with = |settings| crate::model::score::Scorer {
         final_model: &trained.ema.1,
         first_epoch_model: trained.first_epoch.as_ref().map(|f| &f.1),
         schedule: &schedule,
-        settings: &scoring,
+        settings,
         offsets: &encoded.offsets,
         device: opts.device,
     };
+    let plain_settings = scoring.clone();
+    let plain = scorer_with(&plain_settings);
+    plain.validate()?;
+    let mut hold_scores = score_all(&plain, &hold_values, &hold_seeds, 256)?;
+    if opts.layer_norm {
+        // The statistics come from the held-out items' own cosines (scoring with them
+        // would be circular); MFsim of every held-out item is then recomputed from its
+        // per-layer cosines, which the normalisation does not change.
+        let stats = Calibration::layer_stats(&hold_scores);
+        let chosen = scoring.layers_in_use(encoded.offsets.layers());
+        for s in &mut hold_scores {
+            s.mfsim = crate::model::score::mfsim_with(&s.layers, &chosen, Some(&stats));
+        }
+        scoring.layer_norm = Some(stats);
+    }
+    let scorer = scorer_with(&scoring);
     scorer.validate()?;
-    let hold_scores = score_all(&scorer, &hold_values, &hold_seeds, 256)?;
     let per_score = by_kind(&hold_scores);
     let calibration = Calibration::build(
         &per_score,

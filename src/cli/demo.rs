@@ -116,6 +116,7 @@ fn ensure_bundle(opts: &DemoOptions) -> anyhow::Result<()> {
         depth: 4,
         train: crate::model::train::TrainConfig { epochs: 20, ..Default::default() },
         holdout_fraction: 0.1,
+        layer_norm: false,
         target_fpr: 0.05,
         scoring: Default::default(),
         default_score: crate::model::score::ScoreKind::Mfsim,

@@ -89,6 +89,21 @@ pub struct ScoringArgs {
     /// The score that decides verdicts: mse, mfsim or lr.
     #[arg(long, default_value = "mfsim")]
     pub score_kind: ScoreKind,
+    /// Noise draws averaged per item (1..=64; see the README's benchmark for the cost).
+    #[arg(long, default_value_t = ScoreSettings::default().draws)]
+    pub draws: usize,
+    /// MFsim with each layer's cosine in units of its held-out ID spread: on or off.
+    #[arg(long, default_value = "off", value_parser = parse_on_off)]
+    pub layer_norm: bool,
+}
+
+/// `on` or `off`.
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: expected on or off")),
+    }
 }
 
 fn encode_opts(e: &EncoderArgs, d: &DataArgs, quiet: bool) -> EncodeOptions {
@@ -124,7 +139,10 @@ pub fn run_fit(args: &FitArgs, quiet: bool) -> anyhow::Result<()> {
             stride: args.scoring.stride,
             eta: args.scoring.eta,
             mfsim_layers: args.scoring.mfsim_layers.clone(),
+            draws: args.scoring.draws,
+            layer_norm: None,
         },
+        layer_norm: args.scoring.layer_norm,
         default_score: args.scoring.score_kind,
         encode: encode_opts(&args.encoder, &args.data_opts, quiet),
         cache: (!args.no_cache).then(cache_dir),
@@ -431,6 +449,14 @@ pub struct EvalArgs {
     /// applies, so flagged shares need --threshold.
     #[arg(long, value_delimiter = ',')]
     pub mfsim_layers: Option<Vec<usize>>,
+    /// Noise draws averaged per item instead of the bundle's (no refit; the calibrated
+    /// thresholds then no longer hold).
+    #[arg(long)]
+    pub draws: Option<usize>,
+    /// MFsim per-layer normalisation on or off instead of the bundle's (on: with the
+    /// bundle's held-out layer statistics).
+    #[arg(long, value_parser = parse_on_off)]
+    pub layer_norm: Option<bool>,
     /// The score whose flagged shares are reported (default: the bundle's).
     #[arg(long)]
     pub score_kind: Option<ScoreKind>,
@@ -458,6 +484,21 @@ pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
     let mut settings = bundle.meta.scoring.clone();
     if let Some(layers) = &args.mfsim_layers {
         settings.mfsim_layers = Some(layers.clone());
+    }
+    if let Some(draws) = args.draws {
+        settings.draws = draws;
+    }
+    match args.layer_norm {
+        Some(true) if settings.layer_norm.is_none() => {
+            if bundle.meta.calibration.layer_cos.is_empty() {
+                bail!(
+                    "the bundle keeps no held-out layer statistics (calibrate it again) for --layer-norm on"
+                );
+            }
+            settings.layer_norm = Some(bundle.meta.calibration.layer_cos.clone());
+        }
+        Some(false) => settings.layer_norm = None,
+        _ => {}
     }
     let choice = crate::evaluate::ThresholdChoice { score: args.score_kind, value: args.threshold };
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };

@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod preprocess;
 pub mod reference;
 pub mod source;
+pub mod variants;
 
 pub use decode::{DecodeError, DecodeLimits, Image};
 pub use preprocess::{Normalisation, Preprocess, ResizeMode};

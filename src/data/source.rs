@@ -56,6 +56,8 @@ pub enum DataError {
     /// The error names the SPEC itself.
     #[error("{source}")]
     Remote { spec: String, source: super::reference::FetchError },
+    #[error("{spec}: {reason}")]
+    BadVariant { spec: String, reason: String },
 }
 
 /// Failure of one item; the set can go on past it.
@@ -109,6 +111,9 @@ enum Kind {
         height: u32,
         pixels: Vec<u8>,
         count: usize,
+        /// The record numbers of the items when a variant kept some of the file's
+        /// records (`from`, `classes`): ids keep the file's numbering.
+        numbers: Option<Vec<usize>>,
     },
     Objects(Box<Objects>),
 }
@@ -176,6 +181,11 @@ impl DataSet {
         if super::reference::is_remote_spec(spec) {
             return Self::open_objects(spec);
         }
+        if let (path, Some(options)) = super::variants::split_spec(spec) {
+            if fs::metadata(spec).is_err() {
+                return Self::open_variant(spec, path, options);
+            }
+        }
         let path = PathBuf::from(spec);
         let meta = fs::metadata(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DataError::NotFound { path: path.clone() },
@@ -202,6 +212,59 @@ impl DataSet {
             }
         };
         Ok(Self { spec: spec.to_string(), kind, limit: None, id_prefix: None, ignored_files })
+    }
+
+    /// A record set's variant ([`super::variants`]): some records, transformed.
+    fn open_variant(spec: &str, path: &str, options: &str) -> Result<Self, DataError> {
+        let bad = |reason: String| DataError::BadVariant { spec: spec.to_string(), reason };
+        let variant = super::variants::Variant::parse(options).map_err(bad)?;
+        let name = file_name(Path::new(path));
+        let (kind, labels) = if is_idx_name(&name) {
+            (read_idx(Path::new(path))?, None)
+        } else if is_csv_name(&name) {
+            read_csv_labelled(Path::new(path))?
+        } else {
+            return Err(bad("options (after ?) apply to IDX and CSV record files only".into()));
+        };
+        let Kind::Records { name, width, height, pixels, count, .. } = kind else {
+            return Err(bad("options apply to record files only".into()));
+        };
+        let labels = match (&variant.classes, labels) {
+            (None, _) => None,
+            (Some(_), Some(l)) => Some(l),
+            (Some(_), None) => Some(read_idx_labels(&labels_file(Path::new(path)).ok_or_else(|| {
+                bad("classes= needs the labels: no *-labels-idx1-ubyte file beside the images".into())
+            })?)?),
+        };
+        if labels.as_ref().is_some_and(|l| l.len() != count) {
+            return Err(bad(format!("{} labels for {count} images", labels.map_or(0, |l| l.len()))));
+        }
+        let size = (width * height) as usize;
+        let mut kept_pixels = Vec::new();
+        let mut numbers = Vec::new();
+        for n in variant.from..count {
+            if let (Some(classes), Some(labels)) = (&variant.classes, &labels) {
+                if !classes.contains(&labels[n]) {
+                    continue;
+                }
+            }
+            let mut image = pixels[n * size..(n + 1) * size].to_vec();
+            variant.apply(&mut image, width as usize, height as usize);
+            kept_pixels.extend_from_slice(&image);
+            numbers.push(n);
+        }
+        if numbers.is_empty() {
+            return Err(bad("no record is left".into()));
+        }
+        let kind = Kind::Records {
+            name,
+            width,
+            height,
+            pixels: kept_pixels,
+            count: numbers.len(),
+            numbers: Some(numbers),
+        };
+        Ok(Self { spec: spec.to_string(), kind, limit: None, id_prefix: None, ignored_files: 0 })
     }
 
     fn open_objects(spec: &str) -> Result<Self, DataError> {
@@ -326,10 +389,11 @@ impl DataSet {
                 let bytes = fs::read(path).map_err(|e| ItemError { id: id.clone(), kind: e.into() })?;
                 Ok(RawItem { id, content: ItemContent::Encoded(bytes) })
             }
-            Kind::Records { name, width, height, pixels, .. } => {
+            Kind::Records { name, width, height, pixels, numbers, .. } => {
                 let size = (*width * *height) as usize;
+                let number = numbers.as_ref().map_or(index, |n| n[index]);
                 Ok(RawItem {
-                    id: self.item_id(format!("{name}#{index}")),
+                    id: self.item_id(format!("{name}#{number}")),
                     content: ItemContent::Grey {
                         width: *width,
                         height: *height,
@@ -465,11 +529,46 @@ fn read_idx(path: &Path) -> Result<Kind, DataError> {
     if width == 0 || height == 0 {
         return Err(bad("zero-sized images".into()));
     }
-    Ok(Kind::Records { name: file_name(path), width, height, pixels: data[header..].to_vec(), count })
+    Ok(Kind::Records {
+        name: file_name(path),
+        width,
+        height,
+        pixels: data[header..].to_vec(),
+        count,
+        numbers: None,
+    })
+}
+
+/// The IDX labels file beside an images file (`*-images-idx3-ubyte[.gz]` ->
+/// `*-labels-idx1-ubyte[.gz]`), if there is one.
+fn labels_file(images: &Path) -> Option<PathBuf> {
+    let name = file_name(images);
+    let labels = name.replace("images-idx3", "labels-idx1");
+    let path = images.with_file_name(labels);
+    (path != images && path.is_file()).then_some(path)
+}
+
+/// An IDX labels file: magic 0x00000801, a count, one byte per label.
+fn read_idx_labels(path: &Path) -> Result<Vec<u8>, DataError> {
+    let data = read_maybe_gz(path)?;
+    let bad = |reason: &str| DataError::BadIdx { path: path.to_path_buf(), reason: reason.into() };
+    if data.len() < 8 || data[..4] != [0, 0, 8, 1] {
+        return Err(bad("not an IDX labels file (magic 0x00000801)"));
+    }
+    let count = u32::from_be_bytes([data[4], data[5], data[6], data[7]]) as usize;
+    if data.len() - 8 != count {
+        return Err(bad("the label count does not match the file's length"));
+    }
+    Ok(data[8..].to_vec())
 }
 
 /// Parses a CSV of 784 grey pixels (0..255) per line, optionally followed by a label.
 fn read_csv(path: &Path) -> Result<Kind, DataError> {
+    read_csv_labelled(path).map(|(kind, _)| kind)
+}
+
+/// [`read_csv`] and the labels, when every line has one.
+fn read_csv_labelled(path: &Path) -> Result<(Kind, Option<Vec<u8>>), DataError> {
     const SIDE: u32 = 28;
     const PIXELS: usize = (SIDE * SIDE) as usize;
     let data = read_maybe_gz(path)?;
@@ -479,6 +578,7 @@ fn read_csv(path: &Path) -> Result<Kind, DataError> {
         reason: format!("not UTF-8 text: {e}"),
     })?;
     let mut pixels = Vec::new();
+    let mut labels = Vec::new();
     let mut count = 0;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -501,12 +601,19 @@ fn read_csv(path: &Path) -> Result<Kind, DataError> {
             }
             pixels.push(v.round() as u8);
         }
+        if let Some(label) = fields.get(PIXELS).and_then(|l| l.trim().parse::<u8>().ok()) {
+            labels.push(label);
+        }
         count += 1;
     }
     if count == 0 {
         return Err(DataError::NoImages { path: path.to_path_buf() });
     }
-    Ok(Kind::Records { name: file_name(path), width: SIDE, height: SIDE, pixels, count })
+    let labels = (labels.len() == count).then_some(labels);
+    Ok((
+        Kind::Records { name: file_name(path), width: SIDE, height: SIDE, pixels, count, numbers: None },
+        labels,
+    ))
 }
 
 /// Decodes an item to 8-bit RGB; grey records are replicated to three channels.

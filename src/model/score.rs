@@ -63,11 +63,31 @@ pub struct ScoreSettings {
     pub eta: f64,
     /// Layers averaged by MFsim (None: all; the official code skips the first).
     pub mfsim_layers: Option<Vec<usize>>,
+    /// Noise draws averaged per item (1 in bundles from before it): each draw distorts
+    /// and reconstructs the item with other noise, and the scores are the means, so the
+    /// score's own noise shrinks by sqrt(draws). Draw 0 is the single draw's noise.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub draws: usize,
+    /// Per-layer normalisation of MFsim (None in bundles from before it, and when off):
+    /// each layer's cosine in units of its held-out ID spread, `(mean - cos) / sd`,
+    /// averaged over the MFsim layers, so that no layer dominates by its scale. The
+    /// statistics are the held-out items' (`dlsr fit` sets them from its calibration
+    /// split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm: Option<Vec<crate::calibration::LayerStat>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl Default for ScoreSettings {
     fn default() -> Self {
-        Self { t0: 3, stride: 1, eta: 0.0, mfsim_layers: None }
+        Self { t0: 3, stride: 1, eta: 0.0, mfsim_layers: None, draws: 1, layer_norm: None }
     }
 }
 
@@ -91,6 +111,16 @@ impl ScoreSettings {
         }
         if self.stride == 0 {
             return Err(ScoreError::BadStride);
+        }
+        if !(1..=64).contains(&self.draws) {
+            return Err(ScoreError::BadDraws(self.draws));
+        }
+        if let Some(norm) = &self.layer_norm {
+            if norm.len() != layers
+                || norm.iter().any(|s| !(s.sd > 0.0 && s.sd.is_finite() && s.mean.is_finite()))
+            {
+                return Err(ScoreError::BadLayerNorm { got: norm.len(), layers });
+            }
         }
         for &layer in self.mfsim_layers.iter().flatten() {
             if layer >= layers {
@@ -118,6 +148,22 @@ pub fn default_mfsim_layers(layers: usize) -> Vec<usize> {
 /// their reconstruction.
 pub fn mfsim_of(per_layer: &[LayerScore], chosen: &[usize]) -> f64 {
     -chosen.iter().map(|&l| per_layer[l].cos).sum::<f64>() / chosen.len().max(1) as f64
+}
+
+/// MFsim as `settings` define it: plain ([`mfsim_of`]) or with each layer's cosine in
+/// units of its held-out spread (`settings.layer_norm`).
+pub fn mfsim_with(
+    per_layer: &[LayerScore],
+    chosen: &[usize],
+    norm: Option<&[crate::calibration::LayerStat]>,
+) -> f64 {
+    match norm {
+        None => mfsim_of(per_layer, chosen),
+        Some(stats) => {
+            chosen.iter().map(|&l| (stats[l].mean - per_layer[l].cos) / stats[l].sd).sum::<f64>()
+                / chosen.len().max(1) as f64
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -157,6 +203,10 @@ pub enum ScoreError {
     BadDim { got: i64, want: i64 },
     #[error("{0} seeds for {1} items")]
     SeedCount(usize, usize),
+    #[error("draws = {0}: must be in 1..=64")]
+    BadDraws(usize),
+    #[error("layer normalisation has {got} layer statistics (with positive spreads) for features of {layers} layers")]
+    BadLayerNorm { got: usize, layers: usize },
     #[error("tensor operation failed while scoring: {0}")]
     Tch(#[from] tch::TchError),
 }
@@ -288,14 +338,48 @@ impl Scorer<'_> {
         }
         tch::no_grad(|| {
             let z0 = features.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
-            let rec = self.reconstruct(self.final_model, &z0, seeds)?;
-            let (mse, layer_mse, layer_cos) = self.compare(&z0, &rec)?;
-            let lr = match self.first_epoch_model {
-                Some(first) => {
-                    let rec_first = self.reconstruct(first, &z0, seeds)?;
-                    let (mse_first, _, _) = self.compare(&z0, &rec_first)?;
-                    Some(to_vec(&mse_first.f_sub(&mse)?)?)
-                }
+            // Each draw's noise comes from the item's seed mixed with the draw's number;
+            // draw 0 is the item's own seed (a one-draw score is the single draw's).
+            let draws = self.settings.draws.max(1);
+            let mut sums: Option<(Tensor, Tensor, Tensor, Option<Tensor>)> = None;
+            for draw in 0..draws {
+                let draw_seeds: Vec<u64> = match draw {
+                    0 => seeds.to_vec(),
+                    d => {
+                        let mut key = d as u64;
+                        let mix = splitmix64(&mut key);
+                        seeds.iter().map(|s| s ^ mix).collect()
+                    }
+                };
+                let rec = self.reconstruct(self.final_model, &z0, &draw_seeds)?;
+                let (mse, layer_mse, layer_cos) = self.compare(&z0, &rec)?;
+                let lr = match self.first_epoch_model {
+                    Some(first) => {
+                        let rec_first = self.reconstruct(first, &z0, &draw_seeds)?;
+                        let (mse_first, _, _) = self.compare(&z0, &rec_first)?;
+                        Some(mse_first.f_sub(&mse)?)
+                    }
+                    None => None,
+                };
+                sums = Some(match sums {
+                    None => (mse, layer_mse, layer_cos, lr),
+                    Some((a, b, c, d)) => (
+                        a.f_add(&mse)?,
+                        b.f_add(&layer_mse)?,
+                        c.f_add(&layer_cos)?,
+                        match (d, lr) {
+                            (Some(d), Some(lr)) => Some(d.f_add(&lr)?),
+                            _ => None,
+                        },
+                    ),
+                });
+            }
+            let Some((mse, layer_mse, layer_cos, lr)) = sums else { return Ok(Vec::new()) };
+            let n = draws as f64;
+            let (mse, layer_mse, layer_cos) =
+                (mse.f_div_scalar(n)?, layer_mse.f_div_scalar(n)?, layer_cos.f_div_scalar(n)?);
+            let lr = match lr {
+                Some(lr) => Some(to_vec(&lr.f_div_scalar(n)?)?),
                 None => None,
             };
             let mse = to_vec(&mse)?;
@@ -308,7 +392,7 @@ impl Scorer<'_> {
                     let per_layer: Vec<LayerScore> = (0..layers)
                         .map(|l| LayerScore { mse: lm[i * layers + l], cos: lc[i * layers + l] })
                         .collect();
-                    let mfsim = mfsim_of(&per_layer, &chosen);
+                    let mfsim = mfsim_with(&per_layer, &chosen, self.settings.layer_norm.as_deref());
                     ItemScores { mse: mse[i], mfsim, lr: lr.as_ref().map(|v| v[i]), layers: per_layer }
                 })
                 .collect())

@@ -292,6 +292,7 @@ impl Daemon {
         metrics.set_score_buckets(score_edges(&deciders));
         for d in &deciders {
             publish_model_metrics(&metrics, d);
+            metrics.start_model(&d.name);
         }
         for topic in &cfg.kafka.input_topics {
             metrics.start_topic(topic);

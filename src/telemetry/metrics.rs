@@ -573,6 +573,15 @@ impl Metrics {
         self.model_info.with_label_values(&labels).set(1);
     }
 
+    /// A served model's reload series at 0, so that dashboards and `increase()` see them
+    /// before the first reload.
+    pub fn start_model(&self, model: &str) {
+        for result in ["swapped", "rejected"] {
+            self.model_reloads.with_label_values(&[model, result]).inc_by(0);
+        }
+        self.model_reload_failing.with_label_values(&[model]).set(0);
+    }
+
     /// A bundle reload of `model`: swapped (`ok`) or rejected.
     pub fn record_model_reload(&self, model: &str, ok: bool) {
         let result = if ok { "swapped" } else { "rejected" };
