@@ -740,4 +740,35 @@ mod tests {
         assert!(matches!(DataSet::open("/nonexistent/x"), Err(DataError::NotFound { .. })));
         assert!(matches!(DataSet::open(dir.path().to_str().unwrap()), Err(DataError::NoImages { .. })));
     }
+
+    #[test]
+    fn a_record_sets_variant_keeps_classes_and_numbers_and_transforms_the_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("x-images-idx3-ubyte");
+        write_idx(&images, 4, 2, 2, false);
+        let spec = |options: &str| format!("{}?{options}", images.display());
+        let err = DataSet::open(&spec("classes=5")).unwrap_err().to_string();
+        assert!(err.contains("labels-idx1"), "no labels file: {err}");
+        let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 4];
+        labels.extend([5, 1, 5, 2]);
+        fs::write(dir.path().join("x-labels-idx1-ubyte"), labels).unwrap();
+        let fives = DataSet::open(&spec("classes=5")).unwrap();
+        let ids: Vec<String> = fives.iter().map(|i| i.unwrap().id).collect();
+        assert_eq!(ids, ["x-images-idx3-ubyte#0", "x-images-idx3-ubyte#2"], "ids keep the record numbers");
+        assert_eq!(DataSet::open(&spec("from=1&classes=5")).unwrap().len(), 1);
+        let grey = |set: &DataSet, i: usize| match set.get(i).unwrap().content {
+            ItemContent::Grey { pixels, .. } => pixels,
+            _ => panic!("records are grey"),
+        };
+        // Record 2 holds pixels 8, 9, 10, 11 (2 x 2); upside down: 10, 11, 8, 9.
+        assert_eq!(grey(&fives, 1), [8, 9, 10, 11]);
+        assert_eq!(grey(&DataSet::open(&spec("classes=5&flip=v")).unwrap(), 1), [10, 11, 8, 9]);
+        assert_ne!(
+            fives.fingerprint().unwrap(),
+            DataSet::open(&spec("classes=5&flip=v")).unwrap().fingerprint().unwrap()
+        );
+        assert!(DataSet::open(&spec("classes=7")).unwrap_err().to_string().contains("no record is left"));
+        let folder = format!("{}?rotate=3", dir.path().display());
+        assert!(DataSet::open(&folder).unwrap_err().to_string().contains("IDX and CSV"));
+    }
 }

@@ -476,4 +476,76 @@ mod tests {
         assert_eq!(seed, 9_930_423_513_133_469_352);
         assert_eq!(pixel_seed(1, 1, &[0, 0, 0]), 13_024_704_099_803_365_447);
     }
+
+    /// Scores of 64 random feature vectors through an untrained LFDN with `settings`.
+    fn scores_with(settings: &ScoreSettings) -> Vec<ItemScores> {
+        tch::manual_seed(3);
+        let offsets = LayerOffsets(vec![0, 8, 16, 24]);
+        let (_vs, net) = crate::model::train::new_lfdn(
+            super::super::lfdn::LfdnConfig { dim: 24, width: 32, depth: 1 },
+            Device::Cpu,
+        );
+        let schedule = Schedule::dlsr();
+        let scorer = Scorer {
+            final_model: &net,
+            first_epoch_model: None,
+            schedule: &schedule,
+            settings,
+            offsets: &offsets,
+            device: Device::Cpu,
+        };
+        let features = Tensor::randn([64, 24], (Kind::Float, Device::Cpu));
+        let seeds: Vec<u64> = (0..64).collect();
+        scorer.score(&features, &seeds).unwrap()
+    }
+
+    #[test]
+    fn more_draws_average_the_noise_and_one_draw_is_the_old_score() {
+        let one = scores_with(&ScoreSettings::default());
+        let also_one = scores_with(&ScoreSettings { draws: 1, ..Default::default() });
+        assert_eq!(one, also_one);
+        let four = scores_with(&ScoreSettings { draws: 4, ..Default::default() });
+        // Four draws differ from one, by less than the spread of single draws.
+        let diff: f64 = one.iter().zip(&four).map(|(a, b)| (a.mse - b.mse).abs()).sum::<f64>() / 64.0;
+        assert!(diff > 0.0, "four draws gave the single draw's scores");
+        assert!(ScoreSettings { draws: 0, ..Default::default() }.check(1000, 3).is_err());
+        // A bundle written before draws existed reads as one draw, and one draw is not written.
+        let old: ScoreSettings =
+            serde_json::from_str(r#"{"t0":3,"stride":1,"eta":0.0,"mfsim_layers":null}"#).unwrap();
+        assert_eq!(old, ScoreSettings::default());
+        assert!(!serde_json::to_string(&old).unwrap().contains("draws"));
+    }
+
+    #[test]
+    fn layer_normalisation_puts_each_layer_in_units_of_its_spread() {
+        use crate::calibration::LayerStat;
+        let layers = [LayerScore { mse: 0.0, cos: 0.9 }, LayerScore { mse: 0.0, cos: 0.5 }];
+        let stats = [LayerStat { mean: 0.95, sd: 0.05 }, LayerStat { mean: 0.6, sd: 0.2 }];
+        // (0.95 - 0.9) / 0.05 = 1 and (0.6 - 0.5) / 0.2 = 0.5: mean 0.75.
+        assert!((mfsim_with(&layers, &[0, 1], Some(&stats)) - 0.75).abs() < 1e-12);
+        assert!((mfsim_with(&layers, &[0, 1], None) + 0.7).abs() < 1e-12);
+        let bad = ScoreSettings {
+            layer_norm: Some(vec![LayerStat { mean: 0.9, sd: 0.0 }; 3]),
+            ..Default::default()
+        };
+        assert!(bad.check(1000, 3).is_err(), "a zero spread is refused");
+        let short = ScoreSettings {
+            layer_norm: Some(vec![LayerStat { mean: 0.9, sd: 0.1 }; 2]),
+            ..Default::default()
+        };
+        assert!(short.check(1000, 3).is_err(), "one statistic per layer");
+        let normed = scores_with(&ScoreSettings {
+            layer_norm: Some(vec![LayerStat { mean: 0.5, sd: 0.1 }; 3]),
+            ..Default::default()
+        });
+        let plain = scores_with(&ScoreSettings::default());
+        for (n, p) in normed.iter().zip(&plain) {
+            assert_eq!(n.layers, p.layers, "only MFsim changes");
+            assert!(
+                (n.mfsim - mfsim_with(&p.layers, &[0, 1, 2], Some(&[LayerStat { mean: 0.5, sd: 0.1 }; 3])))
+                    .abs()
+                    < 1e-9
+            );
+        }
+    }
 }
