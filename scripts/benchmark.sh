@@ -163,7 +163,7 @@ PY
       if [ "$name" = footwear ]; then
         for t in rotate=15 rotate=45 rotate=90 crop=0.8 crop=0.6 blur=0.5 blur=1 blur=2 contrast=0.5 \
                  contrast=0.25 brightness=40 brightness=80; do
-          rows+=(--ood "$t=$TEST?classes=$id&$t")
+          rows+=(--ood "${t/=/}=$TEST?classes=$id&$t")
         done
         rows+=(--ood "mnist=$MNIST")
       fi

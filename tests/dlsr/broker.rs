@@ -97,6 +97,16 @@ pub(crate) struct Daemon {
     pub(crate) log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
+/// A daemon left running by a failed test is killed, not leaked to later tests.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub(crate) fn serve(config: &Path) -> Daemon {
     use std::io::BufRead;
     let mut child = Command::new(dlsr_bin())
