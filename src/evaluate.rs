@@ -567,3 +567,38 @@ fn write_outputs(
     std::fs::write(dir.join("report.md"), md).map_err(io)?;
     Ok(())
 }
+/// The scoring candidates side by side on the same encoded sets: per candidate and OOD
+/// set, AUROC and FPR95 of MSE and MFsim, and the cost per image relative to the first
+/// row (encoding, measured once, plus each candidate's scoring).
+pub fn comparison_table(rows: &[(String, EvalReport)]) -> String {
+    let Some((_, first)) = rows.first() else { return String::new() };
+    let items = |r: &EvalReport| (r.id.n + r.ood_sets.iter().map(|s| s.n).sum::<usize>()).max(1) as f64;
+    let encode =
+        |r: &EvalReport| r.id.encode_seconds + r.ood_sets.iter().map(|s| s.encode_seconds).sum::<f64>();
+    let score = |r: &EvalReport| r.id.score_seconds + r.ood_sets.iter().map(|s| s.score_seconds).sum::<f64>();
+    // Later rows read the features from the cache: every row is charged the first
+    // row's encoding.
+    let encode_per_item = encode(first) / items(first);
+    let cost = |r: &EvalReport| encode_per_item + score(r) / items(r);
+    let base = cost(first).max(1e-12);
+    let mut out = String::from(
+        "\n| scoring | OOD set | AUROC mse | AUROC mfsim | FPR95 mse | FPR95 mfsim | ms per image | cost |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, r) in rows {
+        for s in &r.sets {
+            let get = |m: &BTreeMap<ScoreKind, f64>, k| m.get(&k).copied().unwrap_or(f64::NAN);
+            out.push_str(&format!(
+                "| {name} | {} | {:.4} | {:.4} | {:.2}% | {:.2}% | {:.2} | {:.2}x |\n",
+                s.name,
+                get(&s.auroc, ScoreKind::Mse),
+                get(&s.auroc, ScoreKind::Mfsim),
+                get(&s.fpr95, ScoreKind::Mse) * 100.0,
+                get(&s.fpr95, ScoreKind::Mfsim) * 100.0,
+                cost(r) * 1000.0,
+                cost(r) / base
+            ));
+        }
+    }
+    out
+}

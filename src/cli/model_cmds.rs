@@ -457,6 +457,11 @@ pub struct EvalArgs {
     /// bundle's held-out layer statistics).
     #[arg(long, value_parser = parse_on_off)]
     pub layer_norm: Option<bool>,
+    /// Also score the same encoded sets with the scoring candidates (1, 4 and 8 noise
+    /// draws, with and without per-layer normalisation) and print their comparison: AUROC,
+    /// FPR95 and the cost per image relative to the first row, encoder included.
+    #[arg(long)]
+    pub compare: bool,
     /// The score whose flagged shares are reported (default: the bundle's).
     #[arg(long)]
     pub score_kind: Option<ScoreKind>,
@@ -523,7 +528,45 @@ pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
         .collect();
     println!("time: {}", timing.join("; "));
     println!("wrote {}/metrics.json, report.md and plots", args.out.display());
+    if args.compare {
+        let stats = &bundle.meta.calibration.layer_cos;
+        let mut rows = vec![(describe_scoring(&settings), report)];
+        for (draws, norm) in [(1, false), (4, false), (1, true), (4, true), (8, true)] {
+            let candidate = crate::model::score::ScoreSettings {
+                draws,
+                layer_norm: (norm && !stats.is_empty()).then(|| stats.clone()),
+                ..settings.clone()
+            };
+            if candidate == settings || (norm && stats.is_empty()) {
+                continue;
+            }
+            let name = describe_scoring(&candidate);
+            let out = args.out.join("compare").join(name.replace([' ', ','], "_"));
+            let r = crate::evaluate::evaluate(
+                &bundle,
+                &extractor,
+                &candidate,
+                choice,
+                &args.id,
+                &args.oods,
+                args.data_opts.limit,
+                &opts,
+                cache.as_deref(),
+                &out,
+            )?;
+            rows.push((name, r));
+        }
+        let table = crate::evaluate::comparison_table(&rows);
+        print!("{table}");
+        std::fs::write(args.out.join("compare.md"), &table)
+            .with_context(|| format!("writing {}", args.out.join("compare.md").display()))?;
+    }
     Ok(())
+}
+
+/// `draws 4, layer norm`: how a scoring candidate differs from one plain draw.
+fn describe_scoring(s: &crate::model::score::ScoreSettings) -> String {
+    format!("draws {}{}", s.draws, if s.layer_norm.is_some() { ", layer norm" } else { "" })
 }
 
 #[derive(Debug, Args)]

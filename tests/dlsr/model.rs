@@ -77,6 +77,39 @@ pub fn fit_variant(out: &Path, extra: &[&str]) {
     assert!(ok, "fit {extra:?} failed: {stderr}");
 }
 
+/// The near-OOD rows (issue #25) through SPEC options, and `eval --compare`: the scoring
+/// candidates on the same encoded sets.
+#[test]
+fn eval_reads_class_and_transform_rows_and_compares_the_scoring_candidates() {
+    let f = fitted();
+    let out = f.dir.path().join("near");
+    let test = fmnist("t10k-images-idx3-ubyte.gz");
+    let (id, turned, far) = (
+        format!("{test}?classes=0,1,3"),
+        format!("rot90={test}?classes=0,1,3&rotate=90"),
+        format!("mnist={}", mnist()),
+    );
+    let args =
+        ["-q", "eval", "--model", f.bundle.to_str().unwrap(), "--id", &id, "--ood", &turned, "--ood", &far];
+    let mut args = args.to_vec();
+    args.extend_from_slice(&["--limit", "300", "--compare", "--out", out.to_str().unwrap()]);
+    let (ok, stdout, stderr) = run(&args, &f.dir.path().join("cache"));
+    assert!(ok, "{stderr}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["id"]["n"], 300, "300 items of classes 0, 1 and 3");
+    // Turned a quarter, clothes are far less familiar than upright ones.
+    assert!(metrics["sets"][0]["auroc"]["mfsim"].as_f64().unwrap() > 0.8, "{stdout}");
+    let table = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| draws")).collect();
+    assert_eq!(rows.len(), 5 * 2, "five candidates x two OOD sets:\n{table}");
+    for row in rows.iter().filter(|r| r.contains("| mnist |")) {
+        let auroc: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+        assert!(auroc > 0.97, "every candidate separates the digits: {row}");
+    }
+    assert!(rows[0].starts_with("| draws 1 |") && rows[0].ends_with("| 1.00x |"), "{table}");
+}
+
 #[test]
 fn small_fit_and_eval_separate_fashion_mnist_from_mnist() {
     let f = fitted();
