@@ -508,18 +508,21 @@ pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
     let choice = crate::evaluate::ThresholdChoice { score: args.score_kind, value: args.threshold };
     let opts = EncodeOptions { batch_size: args.bundle.batch_size, limits: args.data_opts.limits(), quiet };
     let cache = (!args.no_cache).then(cache_dir);
-    let report = crate::evaluate::evaluate(
-        &bundle,
-        &extractor,
-        &settings,
-        choice,
-        &args.id,
-        &args.oods,
-        args.data_opts.limit,
-        &opts,
-        cache.as_deref(),
-        &args.out,
-    )?;
+    let evaluate = |settings: &crate::model::score::ScoreSettings, out: &std::path::Path| {
+        crate::evaluate::evaluate(
+            &bundle,
+            &extractor,
+            settings,
+            choice,
+            &args.id,
+            &args.oods,
+            args.data_opts.limit,
+            &opts,
+            cache.as_deref(),
+            out,
+        )
+    };
+    let report = evaluate(&settings, &args.out)?;
     println!("ID: {} ({} items, {} skipped)", report.id.name, report.id.n, report.id.skipped);
     print!("{}", crate::evaluate::table(&report));
     let timing: Vec<String> = std::iter::once(&report.id)
@@ -542,18 +545,7 @@ pub fn run_eval(args: &EvalArgs, quiet: bool) -> anyhow::Result<()> {
             }
             let name = describe_scoring(&candidate);
             let out = args.out.join("compare").join(name.replace([' ', ','], "_"));
-            let r = crate::evaluate::evaluate(
-                &bundle,
-                &extractor,
-                &candidate,
-                choice,
-                &args.id,
-                &args.oods,
-                args.data_opts.limit,
-                &opts,
-                cache.as_deref(),
-                &out,
-            )?;
+            let r = evaluate(&candidate, &out)?;
             rows.push((name, r));
         }
         let table = crate::evaluate::comparison_table(&rows);

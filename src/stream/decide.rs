@@ -253,11 +253,11 @@ impl Decider {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::calibration::calibrate_scores;
 
-    fn calibration() -> Calibration {
+    pub(crate) fn calibration() -> Calibration {
         let scores: Vec<f64> = (1..=1000).map(f64::from).collect();
         Calibration {
             target_fpr: 0.05,
@@ -306,9 +306,13 @@ mod tests {
         ));
     }
 
-    fn model(calibration: Calibration) -> ModelInfo {
+    /// A model for tests: bundle sha256 `sha` repeated, 64 px, this calibration.
+    pub(crate) fn model_with(sha: char, calibration: Calibration) -> ModelInfo {
         ModelInfo {
-            model_ref: crate::kafka::message::ModelRef { name: "m".into(), sha256: "a".repeat(64) },
+            model_ref: crate::kafka::message::ModelRef {
+                name: "m".into(),
+                sha256: sha.to_string().repeat(64),
+            },
             encoder: "e".into(),
             preprocess: crate::data::Preprocess {
                 size: 64,
@@ -320,6 +324,10 @@ mod tests {
             default_score: ScoreKind::Mfsim,
             has_lr: false,
         }
+    }
+
+    fn model(calibration: Calibration) -> ModelInfo {
+        model_with('a', calibration)
     }
 
     fn scores(mfsim: f64) -> ItemScores {

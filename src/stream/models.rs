@@ -234,8 +234,7 @@ pub fn reload(cfg: &Config, slot: &ModelSlot, workers: usize) -> ReloadOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::message::ModelRef;
-    use crate::model::score::{ItemScores, ScoreKind};
+    use crate::model::score::ItemScores;
     use crate::stream::scorer::ScoringError;
 
     struct Stub(ModelInfo);
@@ -250,28 +249,8 @@ mod tests {
     }
 
     fn info(sha: char) -> ModelInfo {
-        let scores: Vec<f64> = (1..=100).map(f64::from).collect();
-        ModelInfo {
-            model_ref: ModelRef { name: "m".into(), sha256: sha.to_string().repeat(64) },
-            encoder: "e".into(),
-            preprocess: crate::data::Preprocess {
-                size: 64,
-                resize: Default::default(),
-                normalisation: crate::data::Normalisation::LITE,
-                antialias: true,
-            },
-            calibration: crate::calibration::Calibration {
-                target_fpr: 0.05,
-                items: 100,
-                source: "t".into(),
-                precision: Default::default(),
-                scores: [(ScoreKind::Mfsim, crate::calibration::calibrate_scores(&scores, 0.05).unwrap())]
-                    .into(),
-                layer_cos: Vec::new(),
-            },
-            default_score: ScoreKind::Mfsim,
-            has_lr: false,
-        }
+        use crate::stream::decide::tests::{calibration, model_with};
+        model_with(sha, calibration())
     }
 
     fn decider(sha: char, value: f64) -> Decider {

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 
-use crate::broker::{serve, terminate, Tansu};
+use crate::broker::{serve, terminate, Daemon, Tansu};
 use crate::common::{asset, free_port, http_get, wait_until};
 
 /// The bundle [`crate::model::fitted`] made (A) and one refitted with other settings (B),
@@ -149,21 +149,31 @@ fn metric(port: u16, line_start: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(line_start))?.rsplit(' ').next()?.parse().ok()
 }
 
+/// tansu with `topics`, bundle A copied to a served path, a config (with `edit` applied
+/// to its text) and the daemon on it: (tansu, folder, served bundle, metrics port, daemon).
+fn start(
+    topics: &[(&str, i32)],
+    edit: impl Fn(String) -> String,
+) -> (Tansu, tempfile::TempDir, PathBuf, u16, Daemon) {
+    let tansu = Tansu::start_with(topics);
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("model.safetensors");
+    std::fs::copy(&bundles().a, &served).unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &tansu.brokers, &served, port, "");
+    std::fs::write(&config, edit(std::fs::read_to_string(&config).unwrap())).unwrap();
+    let daemon = serve(&config);
+    (tansu, dir, served, port, daemon)
+}
+
 #[test]
 fn a_bundle_swapped_under_a_running_stream_changes_the_sha_at_a_batch_boundary_and_loses_nothing() {
     let bundles = bundles();
     let (sha_a, sha_b) = (sha256(&bundles.a), sha256(&bundles.b));
-    let tansu = Tansu::start_with(&[("images", 2), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let served = dir.path().join("model.safetensors");
-    std::fs::copy(&bundles.a, &served).unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), &tansu.brokers, &served, port, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("batch_max_size = 8\n", "batch_max_size = 8\nscorer_workers = 2\n");
-    std::fs::write(&config, text).unwrap();
-    let daemon = serve(&config);
+    let topics = [("images", 2), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)];
+    let (tansu, _dir, served, port, daemon) = start(&topics, |text| {
+        text.replace("batch_max_size = 8\n", "batch_max_size = 8\nscorer_workers = 2\n")
+    });
     // /readyz is polled every 50 ms from here to the end; any other answer is kept.
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
@@ -258,17 +268,9 @@ fn tamper_self_test(from: &Path, to: &Path, by: f64) {
 fn watched_bundles_that_fail_a_check_are_rejected_with_the_reason_and_the_old_one_keeps_scoring() {
     let bundles = bundles();
     let (sha_a, sha_b) = (sha256(&bundles.a), sha256(&bundles.b));
-    let tansu = Tansu::start_with(&[("images", 1), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let served = dir.path().join("model.safetensors");
-    std::fs::copy(&bundles.a, &served).unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), &tansu.brokers, &served, port, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("device = \"cpu\"\n", "device = \"cpu\"\nwatch = true\n");
-    std::fs::write(&config, text).unwrap();
-    let daemon = serve(&config);
+    let topics = [("images", 1), ("dlsr-verdicts", 1), ("dlsr-dead-letters", 1)];
+    let (tansu, dir, served, port, daemon) =
+        start(&topics, |text| text.replace("device = \"cpu\"\n", "device = \"cpu\"\nwatch = true\n"));
     let rejected = r#"dlsr_model_reloads_total{model="default",result="rejected"}"#;
     let failing = r#"dlsr_model_reload_failing{model="default"}"#;
     let mut verdicts = Verdicts::new(&tansu.brokers);
