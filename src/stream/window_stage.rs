@@ -388,4 +388,58 @@ mod tests {
         );
         assert_eq!(group_value(&GroupBy::None, &headers, Some("x")), None);
     }
+
+    #[test]
+    fn a_swapped_bundle_closes_its_topics_windows_as_cut_short_and_starts_new_ones() {
+        use crate::stream::decide::tests::{calibration, model_with};
+        let factory = AuditorFactory {
+            settings: WindowSettings {
+                window_items: 100,
+                window_max: None,
+                min_items: 10,
+                alpha: 0.001,
+                max_groups: 10,
+                group_idle: Duration::from_secs(600),
+                expected_run_time_items: 1000,
+                detector_shift: 0.5,
+            },
+            group_by: GroupBy::None,
+            allow_quantile_reference: false,
+        };
+        let cfg = crate::config::Config::default();
+        let decider =
+            |sha| Arc::new(Decider::resolve(&cfg, "default", model_with(sha, calibration())).unwrap());
+        let (a, b) = (decider('a'), decider('b'));
+        let metrics = Arc::new(Metrics::new(vec![0.0]));
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let mut stage = WindowStage::new(factory, &[a.clone()], None, metrics.clone(), tracker).unwrap();
+        let item = |n: i64, d: &Arc<Decider>| WindowFeedItem {
+            topic: "images".into(),
+            group: None,
+            partition: 0,
+            offset: n,
+            timestamp: None,
+            id: format!("k{n}"),
+            kind: ScoreKind::Mfsim,
+            score: 500.0,
+            threshold: 950.0,
+            flagged: false,
+            layer_cos: Vec::new(),
+            decider: d.clone(),
+        };
+        for n in 0..30 {
+            stage.observe(&item(n, &a));
+        }
+        assert!(!metrics.render().contains("dlsr_windows_total{"), "no window closed yet");
+        stage.observe(&item(30, &b));
+        let text = metrics.render();
+        assert!(
+            text.contains("dlsr_windows_total{topic=\"images\""),
+            "the old bundle's window closed:\n{text}"
+        );
+        assert_eq!(stage.auditors.len(), 1);
+        assert_eq!(stage.auditors[0].sha256, b.model.model_ref.sha256, "a new auditor for the new bundle");
+        let open: usize = stage.auditors[0].auditor.tracked().len();
+        assert_eq!(open, 1, "the item of the new bundle opened a window");
+    }
 }
