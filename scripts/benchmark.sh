@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the benchmark tables of the README: fit on Fashion-MNIST, evaluate
 # Fashion-MNIST test (ID) against MNIST-5k (OOD), end to end (encoding included).
-#   scripts/benchmark.sh full    60k train, 10k test vs 5k MNIST (the standard table)
+#   scripts/benchmark.sh full    60k train, 10k test vs 5k MNIST (the standard table), and
+#                                the scoring candidates on it (eval --compare --no-cache)
 #   scripts/benchmark.sh sizes   6k train, 2k test vs 2k MNIST at 32, 64 and 224 px
 #   scripts/benchmark.sh ci      3k train, 1k test vs 1k MNIST (minutes; what CI runs)
 #   scripts/benchmark.sh pairs   the evidence behind the defaults: four ID/OOD pairs
@@ -32,7 +33,8 @@
 #                                classes' test images rotated, cropped, blurred, with
 #                                less contrast or brighter, each kind and strength a row,
 #                                MNIST as the far row, and the validation split (unused
-#                                train records vs the same upside down); env: NEAR_TRAIN
+#                                train records vs the same upside down), each with the
+#                                scoring candidates (eval --compare); env: NEAR_TRAIN
 #                                (12000), NEAR_EVAL (2000), EPOCHS (30)
 # Extra arguments go to `dlsr fit` (e.g. --epochs 20 --device cuda --preset paper).
 # Results land in runs/bench-<mode>/; each run prints a summary table.
@@ -80,7 +82,12 @@ PY
 echo "| run | input px | ID / OOD n | AUROC mse | AUROC mfsim | AUROC mfsim all layers | AUROC lr | FPR95 mse | FPR95 mfsim | FPR95 mfsim all layers | FPR95 lr | fit s | eval s |" > "$OUT/summary.md"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$OUT/summary.md"
 case "$MODE" in
-  full)  run full 64 all all "${EPOCHS:-40}" "$@" ;;
+  full)  run full 64 all all "${EPOCHS:-40}" "$@"
+         # The scoring candidates on the same sets, every row encoding again (--no-cache),
+         # so that the cost column includes the encoder.
+         "$BIN" -q eval --model "$OUT/full.safetensors" --id "$TEST" --ood "mnist=$MNIST" --no-cache --compare \
+           --out "$OUT/compare" > "$OUT/compare.txt"
+         tee -a "$OUT/summary.md" < "$OUT/compare/compare.md" ;;
   ci)    run ci 64 3000 1000 30 "$@" ;;
   sizes) for s in 32 64 224; do run "px$s" "$s" 6000 2000 60 "$@"; done ;;
   pairs)
@@ -168,17 +175,19 @@ PY
         rows+=(--ood "mnist=$MNIST")
       fi
       "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$TEST?classes=$id" "${rows[@]}" \
-        --limit "$NEAR_EVAL" --out "$OUT/$name" > "$OUT/$name.eval.txt"
+        --limit "$NEAR_EVAL" --out "$OUT/$name" --compare > "$OUT/$name.eval.txt"
       # The validation split: train records the fit did not use, against the same records
       # upside down (a transform that is in no test row).
       "$BIN" -q eval --model "$OUT/$name.safetensors" --id "$TRAIN?classes=$id&from=40000" \
         --ood "vflip=$TRAIN?classes=$id&from=40000&flip=v" --limit "$NEAR_EVAL" --out "$OUT/$name-validation" \
-        > "$OUT/$name-validation.eval.txt"
+        --compare > "$OUT/$name-validation.eval.txt"
     }
     near footwear 0,1,2,3,4,6,8 5,7,9 "$@"
     near shirt 0,1,2,3,4,5,7,8,9 6 "$@"
     python3 scripts/near_table.py "$OUT/footwear" "$OUT/shirt" "$OUT/footwear-validation" "$OUT/shirt-validation" \
-      | tee "$OUT/summary.md" ;;
+      | tee "$OUT/summary.md"
+    # The scoring candidates (eval --compare) on every run, validation first.
+    cat "$OUT"/*-validation/compare.md "$OUT/footwear/compare.md" "$OUT/shirt/compare.md" | tee -a "$OUT/summary.md" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 echo; echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
