@@ -93,7 +93,7 @@ pub struct ScoringArgs {
     #[arg(long, default_value_t = ScoreSettings::default().draws)]
     pub draws: usize,
     /// MFsim with each layer's cosine in units of its held-out ID spread: on or off.
-    #[arg(long, default_value = "off", value_parser = parse_on_off)]
+    #[arg(long, default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub layer_norm: bool,
 }
 
@@ -455,7 +455,7 @@ pub struct EvalArgs {
     pub draws: Option<usize>,
     /// MFsim per-layer normalisation on or off instead of the bundle's (on: with the
     /// bundle's held-out layer statistics).
-    #[arg(long, value_parser = parse_on_off)]
+    #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub layer_norm: Option<bool>,
     /// Also score the same encoded sets with the scoring candidates (1, 4 and 8 noise
     /// draws, with and without per-layer normalisation) and print their comparison: AUROC,
