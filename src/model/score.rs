@@ -477,34 +477,49 @@ mod tests {
         assert_eq!(pixel_seed(1, 1, &[0, 0, 0]), 13_024_704_099_803_365_447);
     }
 
-    /// Scores of 64 random feature vectors through an untrained LFDN with `settings`.
-    fn scores_with(settings: &ScoreSettings) -> Vec<ItemScores> {
-        tch::manual_seed(3);
-        let offsets = LayerOffsets(vec![0, 8, 16, 24]);
-        let (_vs, net) = crate::model::train::new_lfdn(
-            super::super::lfdn::LfdnConfig { dim: 24, width: 32, depth: 1 },
-            Device::Cpu,
-        );
-        let schedule = Schedule::dlsr();
-        let scorer = Scorer {
-            final_model: &net,
-            first_epoch_model: None,
-            schedule: &schedule,
-            settings,
-            offsets: &offsets,
-            device: Device::Cpu,
-        };
-        let features = Tensor::randn([64, 24], (Kind::Float, Device::Cpu));
-        let seeds: Vec<u64> = (0..64).collect();
-        scorer.score(&features, &seeds).unwrap()
+    /// An untrained LFDN and 64 feature vectors, made once per test: libtorch's random
+    /// generator is shared by the tests running beside this one, so the same network
+    /// scores every setting compared.
+    struct Fixture {
+        _vs: tch::nn::VarStore,
+        net: Lfdn,
+        features: Tensor,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let (_vs, net) = crate::model::train::new_lfdn(
+                super::super::lfdn::LfdnConfig { dim: 24, width: 32, depth: 1 },
+                Device::Cpu,
+            );
+            let values: Vec<f32> = item_noise(7, 0, 64 * 24);
+            let features = Tensor::from_slice(&values).view([64, 24]);
+            Self { _vs, net, features }
+        }
+
+        fn scores_with(&self, settings: &ScoreSettings) -> Vec<ItemScores> {
+            let offsets = LayerOffsets(vec![0, 8, 16, 24]);
+            let schedule = Schedule::dlsr();
+            let scorer = Scorer {
+                final_model: &self.net,
+                first_epoch_model: None,
+                schedule: &schedule,
+                settings,
+                offsets: &offsets,
+                device: Device::Cpu,
+            };
+            let seeds: Vec<u64> = (0..64).collect();
+            scorer.score(&self.features, &seeds).unwrap()
+        }
     }
 
     #[test]
     fn more_draws_average_the_noise_and_one_draw_is_the_old_score() {
-        let one = scores_with(&ScoreSettings::default());
-        let also_one = scores_with(&ScoreSettings { draws: 1, ..Default::default() });
+        let fixture = Fixture::new();
+        let one = fixture.scores_with(&ScoreSettings::default());
+        let also_one = fixture.scores_with(&ScoreSettings { draws: 1, ..Default::default() });
         assert_eq!(one, also_one);
-        let four = scores_with(&ScoreSettings { draws: 4, ..Default::default() });
+        let four = fixture.scores_with(&ScoreSettings { draws: 4, ..Default::default() });
         // Four draws differ from one, by less than the spread of single draws.
         let diff: f64 = one.iter().zip(&four).map(|(a, b)| (a.mse - b.mse).abs()).sum::<f64>() / 64.0;
         assert!(diff > 0.0, "four draws gave the single draw's scores");
@@ -534,11 +549,12 @@ mod tests {
             ..Default::default()
         };
         assert!(short.check(1000, 3).is_err(), "one statistic per layer");
-        let normed = scores_with(&ScoreSettings {
+        let fixture = Fixture::new();
+        let normed = fixture.scores_with(&ScoreSettings {
             layer_norm: Some(vec![LayerStat { mean: 0.5, sd: 0.1 }; 3]),
             ..Default::default()
         });
-        let plain = scores_with(&ScoreSettings::default());
+        let plain = fixture.scores_with(&ScoreSettings::default());
         for (n, p) in normed.iter().zip(&plain) {
             assert_eq!(n.layers, p.layers, "only MFsim changes");
             assert!(
