@@ -826,7 +826,9 @@ fn reload_models(
             ReloadOutcome::Swapped { from, to } => {
                 metrics.record_model_reload(name, true);
                 let d = slot.decider();
-                publish_model_metrics(metrics, &d);
+                // Its threshold gauges are set below, with every model's.
+                let m = &d.model;
+                metrics.set_model_info(name, &m.model_ref.name, &m.model_ref.sha256, &m.encoder, m.preprocess.size);
                 tracing::info!(
                     model = %name,
                     from = %from,
